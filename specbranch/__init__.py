@@ -1,0 +1,3 @@
+"""specbranch: lossless speculative decoding (SpecBranch, PEARL, classic SD)."""
+
+__version__ = "0.1.0"
