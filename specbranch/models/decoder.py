@@ -1,0 +1,236 @@
+"""A native decoder-only transformer for the Llama / Qwen2 / Mistral family.
+
+RMSNorm, rotary embeddings (Hugging Face "rotate half" layout), grouped-query attention with
+optional q/k/v biases (Qwen2), SwiGLU MLP, tied or untied LM head. No nn.Module machinery on the
+hot path: weights live in plain linear objects (see :mod:`specbranch.models.linear`), q/k/v and
+gate/up are fused into one matmul each, and the KV cache is the position-indexed one of
+:mod:`specbranch.kvcache`, so a decode step is a short, fixed sequence of tensor ops per layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ModelError
+from ..kvcache import CacheView, KVCache
+from .linear import activation_dtype, make_linear
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The architecture numbers of one checkpoint (read from a Hugging Face config.json)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any]) -> "DecoderConfig":
+        model_type = cfg.get("model_type", "")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelError(
+                f"unsupported model_type {model_type!r}: the native backend runs "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)}; use --backend hf for other architectures"
+            )
+        rope_scaling = cfg.get("rope_scaling") or {}
+        kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+        if kind not in ("default", None):
+            raise ModelError(f"rope_scaling type {kind!r} is not supported by the native backend yet")
+        heads = cfg["num_attention_heads"]
+        hidden = cfg["hidden_size"]
+        rope = cfg.get("rope_parameters") or {}
+        return cls(
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=hidden,
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(cfg.get("rope_theta", rope.get("rope_theta", 10000.0))),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v biases; Llama/Mistral say so in attention_bias.
+            attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+        )
+
+
+@dataclass
+class ForwardOutput:
+    """logits ``[rows, t, vocab]`` (or ``[rows, 1, vocab]`` with last_only); hidden
+    ``[n_layers, rows, t, hidden]`` for the requested layers (None if none asked)."""
+
+    logits: torch.Tensor
+    hidden: torch.Tensor | None = None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def causal_mask(t: int, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive mask ``[t, length]`` for t new queries that are the last t of ``length`` keys."""
+    return torch.full((t, length), float("-inf"), dtype=dtype, device=device).triu(length - t + 1)
+
+
+def _stacked(a: torch.Tensor) -> torch.Tensor:
+    """``[rows, Hkv, n, X] -> [1, Hkv, rows*n, X]``: every branch row's queries become extra query
+    rows of one batch, so the shared trunk is multiplied once instead of being expanded (copied)
+    per row."""
+    rows, hkv, n, x = a.shape
+    return a.transpose(0, 1).reshape(1, hkv, rows * n, x)
+
+
+def _unstacked(s: torch.Tensor, rows: int) -> torch.Tensor:
+    """Inverse of :func:`_stacked`: ``[1, Hkv, rows*n, X] -> [rows, Hkv, n, X]``."""
+    _, hkv, m, x = s.shape
+    return s.view(hkv, rows, m // rows, x).transpose(0, 1)
+
+
+def attend(q: torch.Tensor, view: CacheView, scale: float) -> torch.Tensor:
+    """Grouped-query attention of ``q [rows, Hq, t, D]`` over the cache view -> ``[rows, Hq, t, D]``.
+
+    Not forked (rows == 1): one segment, the trunk, whose last t keys are the new tokens
+    (causal among themselves). Forked: the trunk is fully visible to every branch row and the
+    branch suffix is causal. Query heads sharing a kv head are folded into the query axis
+    (``g*t`` rows), so grouped-query attention needs no repeated keys.
+    """
+    rows, hq, t, d = q.shape
+    hkv = view.trunk_k.shape[1]
+    g = hq // hkv
+    qg = q.reshape(rows, hkv, g * t, d)  # [rows, Hkv, g*t, D]
+    trunk_len = view.trunk_k.shape[2]
+    if view.branch_k is None:
+        s = (qg @ view.trunk_k.transpose(-1, -2)).view(1, hkv, g, t, trunk_len) * scale
+        if t > 1:
+            s = s + causal_mask(t, trunk_len, s.dtype, s.device)
+        p = torch.softmax(s, dim=-1).view(1, hkv, g * t, trunk_len)
+        return (p @ view.trunk_v).view(1, hq, t, d)
+    branch_len = view.branch_k.shape[2]
+    s_trunk = _unstacked(_stacked(qg) @ view.trunk_k.transpose(-1, -2), rows)  # [rows, Hkv, g*t, Lt]
+    s_branch = qg @ view.branch_k.transpose(-1, -2)  # [rows, Hkv, g*t, Lb]
+    s = torch.cat([s_trunk, s_branch], dim=-1).view(rows, hkv, g, t, trunk_len + branch_len) * scale
+    s[..., trunk_len:] += causal_mask(t, branch_len, s.dtype, s.device)
+    p = torch.softmax(s, dim=-1).view(rows, hkv, g * t, trunk_len + branch_len)
+    out = _unstacked(_stacked(p[..., :trunk_len]) @ view.trunk_v, rows) + p[..., trunk_len:] @ view.branch_v
+    return out.reshape(rows, hq, t, d)
+
+
+class Layer:
+    """One pre-norm transformer block; weights only, state lives in the KV cache."""
+
+    def __init__(self, cfg: DecoderConfig, get: Callable[[str], torch.Tensor | None], i: int, precision: str):
+        p = f"model.layers.{i}."
+        dt = activation_dtype(precision)
+        att = p + "self_attn."
+        qkv_w = torch.cat([get(att + f"{n}_proj.weight") for n in "qkv"])
+        qkv_b = torch.cat([get(att + f"{n}_proj.bias") for n in "qkv"]) if cfg.attention_bias else None
+        self.qkv = make_linear(qkv_w, qkv_b, precision)
+        self.o = make_linear(get(att + "o_proj.weight"), get(att + "o_proj.bias"), precision)
+        self.gate_up = make_linear(
+            torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]), None, precision
+        )
+        self.down = make_linear(get(p + "mlp.down_proj.weight"), None, precision)
+        self.ln_attn = get(p + "input_layernorm.weight").to(dt)
+        self.ln_mlp = get(p + "post_attention_layernorm.weight").to(dt)
+
+
+class Decoder:
+    """Weights plus the forward pass; the KV cache is passed in so several can be kept."""
+
+    def __init__(self, cfg: DecoderConfig, state: Mapping[str, torch.Tensor] | Callable, precision: str = "fp32"):
+        get = state if callable(state) else state.get
+        self.cfg = cfg
+        self.precision = precision
+        self.dtype = activation_dtype(precision)
+        self.embed = get("model.embed_tokens.weight").to(self.dtype)
+        self.layers = [Layer(cfg, get, i, precision) for i in range(cfg.num_layers)]
+        self.norm = get("model.norm.weight").to(self.dtype)
+        head = self.embed if cfg.tie_word_embeddings else get("lm_head.weight")
+        self.lm_head = make_linear(head, None, precision)
+        self.scale = 1.0 / math.sqrt(cfg.head_dim)
+        self._rope_len = 0
+        self._cos = self._sin = torch.empty(0)
+
+    def new_cache(self, max_len: int, max_branches: int = 4, max_branch_len: int = 32) -> KVCache:
+        c = self.cfg
+        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, max_len, max_branches, max_branch_len, self.dtype)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[t, head_dim]`` for the given positions (table grown on demand)."""
+        need = int(positions.max()) + 1
+        if need > self._rope_len:
+            n = max(need, 2 * self._rope_len, 1024)
+            d = self.cfg.head_dim
+            inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+            freqs = torch.outer(torch.arange(n, dtype=torch.float64), inv)  # [n, d/2]
+            emb = torch.cat([freqs, freqs], dim=-1)  # [n, d]
+            self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+            self._rope_len = n
+        return self._cos[positions], self._sin[positions]
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        cache: KVCache,
+        hidden_layers: tuple[int, ...] = (),
+        last_only: bool = False,
+    ) -> ForwardOutput:
+        """Run ``tokens [rows, t]`` at the cache's next positions; rows = number of branches
+        when the cache is forked, else 1. ``hidden_layers`` are indices into the per-layer
+        outputs (0 = embeddings, num_layers = final pre-norm output, negatives allowed)."""
+        c = self.cfg
+        rows, t = tokens.shape
+        if rows != cache.rows():
+            raise ValueError(f"forward got {rows} rows but the cache expects {cache.rows()}")
+        start = cache.total_length
+        cache.advance(t)
+        cos, sin = self._rope(torch.arange(start, start + t))
+        h = self.embed[tokens]  # [rows, t, H]
+        want = {i % (c.num_layers + 1) for i in hidden_layers}
+        kept = [h] if 0 in want else []
+        for i, layer in enumerate(self.layers):
+            a = rms_norm(h, layer.ln_attn, c.rms_norm_eps)
+            qkv = layer.qkv(a)  # [rows, t, (Hq + 2 Hkv) * D]
+            q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
+            q = q.view(rows, t, c.num_heads, c.head_dim).transpose(1, 2)  # [rows, Hq, t, D]
+            k = k.view(rows, t, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [rows, Hkv, t, D]
+            v = v.view(rows, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            o = attend(q, cache.write(i, k, v), self.scale)  # [rows, Hq, t, D]
+            h = h + layer.o(o.transpose(1, 2).reshape(rows, t, c.num_heads * c.head_dim))
+            m = rms_norm(h, layer.ln_mlp, c.rms_norm_eps)
+            gate, up = layer.gate_up(m).chunk(2, dim=-1)  # [rows, t, I] each
+            h = h + layer.down(F.silu(gate) * up)
+            if i + 1 in want:
+                kept.append(h)
+        x = h[:, -1:] if last_only else h
+        logits = self.lm_head(rms_norm(x, self.norm, c.rms_norm_eps))
+        hidden = torch.stack(kept) if kept else None
+        return ForwardOutput(logits=logits, hidden=hidden)
