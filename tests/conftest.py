@@ -44,3 +44,36 @@ def tiny_folder(request, tmp_path):
     folder = tmp_path / request.param
     model.save_pretrained(folder)
     return request.param, folder, model
+
+
+def write_tiny_tokenizer(folder, vocab_size: int = 300, eos: str = "<|end|>") -> None:
+    """A byte-level BPE tokenizer trained on a few sentences, plus a chat template."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[eos], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    text = ["def add(a, b):\n    return a + b\n", "Hello world, speculative decoding is lossless."] * 20
+    tok.train_from_iterator(text, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "eos_token": eos}))
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory):
+    """Folders of a tiny Qwen2 target and a smaller Qwen2 draft sharing one tokenizer."""
+    root = tmp_path_factory.mktemp("pair")
+    paths = {}
+    for role, seed, layers in (("target", 1, 3), ("draft", 2, 1)):
+        model = make_tiny_hf("qwen2", seed=seed, tie=True, vocab_size=300, num_hidden_layers=layers)
+        model.save_pretrained(root / role)
+        write_tiny_tokenizer(root / role)
+        paths[role] = root / role
+    return paths

@@ -9,7 +9,7 @@ from specbranch.models.linear import Int8Linear, make_linear
 def test_int8_linear_is_exactly_batch_invariant():
     torch.manual_seed(0)
     w, b = torch.randn(300, 200) * 0.05, torch.randn(300)
-    lin = Int8Linear(w, b)
+    lin = Int8Linear.from_float(w, b)
     x = torch.randn(7, 200) * torch.logspace(-2, 2, 7)[:, None]  # rows of very different scale
     together = lin(x)
     alone = torch.cat([lin(x[i : i + 1]) for i in range(7)])
@@ -21,7 +21,7 @@ def test_int8_linear_is_accurate_and_keeps_shape():
     torch.manual_seed(1)
     w, b = torch.randn(64, 128) * 0.05, torch.randn(64)
     x = torch.randn(2, 3, 128)
-    got, want = Int8Linear(w, b)(x), torch.nn.functional.linear(x, w, b)
+    got, want = Int8Linear.from_float(w, b)(x), torch.nn.functional.linear(x, w, b)
     assert got.shape == (2, 3, 64)
     assert (got - want).abs().max() / want.abs().max() < 0.03
 

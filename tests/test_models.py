@@ -124,3 +124,16 @@ def test_reduced_precision_stays_close(tiny_folder, precision):
     # random Gaussian weights are a worst case for 8-bit activations; real-model quality is
     # checked on greedy text instead (scripts/check_native_vs_hf.py)
     assert rel < {"bf16": 0.03, "int8": 0.15}[precision], f"{precision} relative logit error {rel:.3f}"
+
+
+def test_int8_cache_is_written_once_and_reused(tiny_folder):
+    _, folder, model = tiny_folder
+    from specbranch.models.loader import INT8_FILE
+
+    first = NativeBackend(load_decoder(folder, "int8"), max_len=64)
+    assert (folder / INT8_FILE).is_file()
+    mtime = (folder / INT8_FILE).stat().st_mtime_ns
+    second = NativeBackend(load_decoder(folder, "int8"), max_len=64)
+    assert (folder / INT8_FILE).stat().st_mtime_ns == mtime
+    prompt = [4, 5, 6, 7]
+    assert torch.equal(prefill(first, prompt).logits, prefill(second, prompt).logits)

@@ -140,41 +140,65 @@ def attend(q: torch.Tensor, view: CacheView, scale: float) -> torch.Tensor:
     return out.reshape(rows, hq, t, d)
 
 
+LinearFactory = Callable[[str, Callable[[], torch.Tensor], "torch.Tensor | None"], Any]
+
+
 class Layer:
     """One pre-norm transformer block; weights only, state lives in the KV cache."""
 
-    def __init__(self, cfg: DecoderConfig, get: Callable[[str], torch.Tensor | None], i: int, precision: str):
+    def __init__(self, cfg: DecoderConfig, get: Callable[[str], torch.Tensor | None], i: int, dtype, lin: LinearFactory):
         p = f"model.layers.{i}."
-        dt = activation_dtype(precision)
         att = p + "self_attn."
-        qkv_w = torch.cat([get(att + f"{n}_proj.weight") for n in "qkv"])
+        # q/k/v and gate/up are fused: one matmul each instead of three / two per token
         qkv_b = torch.cat([get(att + f"{n}_proj.bias") for n in "qkv"]) if cfg.attention_bias else None
-        self.qkv = make_linear(qkv_w, qkv_b, precision)
-        self.o = make_linear(get(att + "o_proj.weight"), get(att + "o_proj.bias"), precision)
-        self.gate_up = make_linear(
-            torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]), None, precision
+        self.qkv = lin(f"layers.{i}.qkv", lambda: torch.cat([get(att + f"{n}_proj.weight") for n in "qkv"]), qkv_b)
+        self.o = lin(f"layers.{i}.o", lambda: get(att + "o_proj.weight"), get(att + "o_proj.bias"))
+        self.gate_up = lin(
+            f"layers.{i}.gate_up",
+            lambda: torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]),
+            None,
         )
-        self.down = make_linear(get(p + "mlp.down_proj.weight"), None, precision)
-        self.ln_attn = get(p + "input_layernorm.weight").to(dt)
-        self.ln_mlp = get(p + "post_attention_layernorm.weight").to(dt)
+        self.down = lin(f"layers.{i}.down", lambda: get(p + "mlp.down_proj.weight"), None)
+        self.ln_attn = get(p + "input_layernorm.weight").to(dtype)
+        self.ln_mlp = get(p + "post_attention_layernorm.weight").to(dtype)
+
+    def linears(self, i: int) -> dict[str, Any]:
+        return {f"layers.{i}.{n}": getattr(self, n) for n in ("qkv", "o", "gate_up", "down")}
 
 
 class Decoder:
     """Weights plus the forward pass; the KV cache is passed in so several can be kept."""
 
-    def __init__(self, cfg: DecoderConfig, state: Mapping[str, torch.Tensor] | Callable, precision: str = "fp32"):
+    def __init__(
+        self,
+        cfg: DecoderConfig,
+        state: Mapping[str, torch.Tensor] | Callable,
+        precision: str = "fp32",
+        lin: LinearFactory | None = None,
+    ):
+        """``state`` maps Hugging Face tensor names to weights; ``lin(name, weight_fn, bias)``
+        builds each linear layer (default: from the float weight at ``precision``; the loader
+        passes one that serves stored int8 weights instead)."""
         get = state if callable(state) else state.get
+        lin = lin or (lambda name, weight_fn, bias: make_linear(weight_fn(), bias, precision))
         self.cfg = cfg
         self.precision = precision
         self.dtype = activation_dtype(precision)
         self.embed = get("model.embed_tokens.weight").to(self.dtype)
-        self.layers = [Layer(cfg, get, i, precision) for i in range(cfg.num_layers)]
+        self.layers = [Layer(cfg, get, i, self.dtype, lin) for i in range(cfg.num_layers)]
         self.norm = get("model.norm.weight").to(self.dtype)
-        head = self.embed if cfg.tie_word_embeddings else get("lm_head.weight")
-        self.lm_head = make_linear(head, None, precision)
+        head = (lambda: self.embed) if cfg.tie_word_embeddings else (lambda: get("lm_head.weight"))
+        self.lm_head = lin("lm_head", head, None)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self._rope_len = 0
         self._cos = self._sin = torch.empty(0)
+
+    def linears(self) -> dict[str, Any]:
+        """Every linear layer by a stable name (what the int8 cache stores)."""
+        out = {"lm_head": self.lm_head}
+        for i, layer in enumerate(self.layers):
+            out.update(layer.linears(i))
+        return out
 
     def new_cache(self, max_len: int, max_branches: int = 4, max_branch_len: int = 32) -> KVCache:
         c = self.cfg

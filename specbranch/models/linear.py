@@ -32,23 +32,45 @@ class DenseLinear:
 
 
 class Int8Linear:
-    """Per-output-channel int8 weights, per-row int8 activations, FBGEMM kernel; batch-invariant."""
+    """Per-output-channel int8 weights, per-row int8 activations, FBGEMM kernel; batch-invariant.
+
+    Built from a float weight (:meth:`from_float`) or from stored int8 weights and scales (the
+    int8 cache, so a warm start skips quantization). FBGEMM's prepacking is the slow part of
+    loading; :meth:`pack` is separate so a loader can pack many layers on a thread pool.
+    """
 
     PAD = 8  # extra input columns: [-1, +1, 0, ...]; 8 keeps K a multiple of 8 for the kernel
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        n, k = weight.shape
-        w = torch.cat([weight.float(), weight.new_zeros(n, self.PAD, dtype=torch.float32)], dim=1)
-        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()
-        qw = torch.quantize_per_channel(w, scale, torch.zeros(n, dtype=torch.long), 0, torch.qint8)
-        self.packed = torch.ops.quantized.linear_prepack(qw, None)
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.qweight = qweight  # int8 [N, K + PAD]
+        self.scale = scale  # fp32 [N]
         self.bias = None if bias is None else bias.float()
-        self.out_features = n
+        self.out_features = qweight.shape[0]
         pad = torch.zeros(self.PAD)
         pad[0], pad[1] = -1.0, 1.0
         self.pad = pad
+        self.packed = None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
+        n = weight.shape[0]
+        w = torch.cat([weight.float(), weight.new_zeros(n, cls.PAD, dtype=torch.float32)], dim=1)
+        scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+        qweight = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(qweight, scale, bias)
+
+    def pack(self) -> "Int8Linear":
+        if self.packed is None:
+            n = self.out_features
+            qw = torch._make_per_channel_quantized_tensor(
+                self.qweight, self.scale.double(), torch.zeros(n, dtype=torch.long), 0
+            )
+            self.packed = torch.ops.quantized.linear_prepack(qw, None)
+        return self
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            self.pack()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()  # [rows, K]
         s = x2.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)  # [rows, 1]
@@ -62,7 +84,7 @@ class Int8Linear:
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str):
     """Build the linear layer for ``precision`` (one of :data:`PRECISIONS`)."""
     if precision == "int8":
-        return Int8Linear(weight, bias)
+        return Int8Linear.from_float(weight, bias)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[precision]
     return DenseLinear(weight, bias, dtype)
 

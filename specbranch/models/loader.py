@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..errors import ModelError
 from .decoder import Decoder, DecoderConfig
-from .linear import PRECISIONS
+from .linear import PRECISIONS, Int8Linear
+
+INT8_FILE = "int8.safetensors"  # quantized linears cached next to the float weights
 
 
 def read_config(folder: Path) -> dict:
@@ -25,25 +30,61 @@ class LazyWeights:
     (so peak memory is one model's weights at the target precision, not two copies)."""
 
     def __init__(self, folder: Path) -> None:
-        files = sorted(Path(folder).glob("*.safetensors"))
+        files = sorted(f for f in Path(folder).glob("*.safetensors") if f.name != INT8_FILE)
         if not files:
             raise ModelError(f"no *.safetensors weights in {folder}")
         self._handles = [safe_open(str(f), framework="pt") for f in files]
         self._where = {name: h for h in self._handles for name in h.keys()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
 
     def __call__(self, name: str) -> torch.Tensor | None:
         h = self._where.get(name)
         return None if h is None else h.get_tensor(name).float()
 
 
-def load_decoder(folder: str | Path, precision: str = "fp32") -> Decoder:
-    """Build the native decoder from a Hugging Face style folder at ``precision``."""
+def load_decoder(folder: str | Path, precision: str = "fp32", threads: int | None = None) -> Decoder:
+    """Build the native decoder from a Hugging Face style folder at ``precision``.
+
+    For int8 the quantized linears are stored once next to the weights (``int8.safetensors``)
+    so later loads skip quantization, and FBGEMM prepacking runs on a thread pool.
+    """
     if precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     folder = Path(folder)
     cfg = DecoderConfig.from_hf(read_config(folder))
     weights = LazyWeights(folder)
-    missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if weights(n) is None]
+    missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in weights]
     if missing:
         raise ModelError(f"{folder}: weights {missing} not found (is this a Llama/Qwen2 checkpoint?)")
-    return Decoder(cfg, weights, precision)
+    if precision != "int8":
+        return Decoder(cfg, weights, precision)
+    qfile = folder / INT8_FILE
+    stored = safe_open(str(qfile), framework="pt") if qfile.is_file() else None
+
+    def lin(name, weight_fn, bias):
+        if stored is not None:
+            return Int8Linear(stored.get_tensor(name + ".qweight"), stored.get_tensor(name + ".scale"), bias)
+        return Int8Linear.from_float(weight_fn(), bias)
+
+    decoder = Decoder(cfg, weights, precision, lin)
+    if stored is None:
+        save_int8(decoder, qfile)
+    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:  # prepack releases the GIL
+        list(pool.map(Int8Linear.pack, decoder.linears().values()))
+    return decoder
+
+
+def save_int8(decoder: Decoder, path: Path) -> None:
+    """Write the int8 weights and scales of every linear (atomically: temp file + rename)."""
+    tensors = {}
+    for name, linear in decoder.linears().items():
+        tensors[name + ".qweight"] = linear.qweight
+        tensors[name + ".scale"] = linear.scale
+    tmp = path.with_suffix(".partial")
+    try:
+        save_file(tensors, str(tmp))
+        tmp.replace(path)
+    except OSError:  # a read-only model folder: just quantize again next time
+        tmp.unlink(missing_ok=True)

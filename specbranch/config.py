@@ -1,0 +1,93 @@
+"""The one source of configuration: frozen dataclasses that validate themselves.
+
+CLI flags (and later server fields) are derived from these fields, so every default and help
+text exists exactly once. Invalid values raise :class:`ConfigError` with a fix in the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+from .models.linear import PRECISIONS
+
+DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
+DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
+ENGINES = ("ar", "sd", "pearl", "specbranch")
+BACKENDS = ("native", "hf")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    """A dataclass field carrying its CLI help text (and optional CLI metadata)."""
+    default = kw.pop("default")
+    return field(default=default, metadata={"help": text, **kw})
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = _help("sampling temperature; 0 = greedy (exactly the target's argmax tokens)", default=0.0)
+    top_k: int = _help("keep only the k most likely tokens (0 = off); applied to target and draft alike", default=0)
+    top_p: float = _help("nucleus sampling mass in (0, 1] (1 = off); applied to target and draft alike", default=1.0)
+    seed: int = _help("seed of the one random generator used for sampling and verification", default=0)
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ConfigError(f"temperature must be >= 0 (got {self.temperature}); use 0 for greedy decoding")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (got {self.top_k}); use 0 to disable it")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1] (got {self.top_p}); use 1 to disable it")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    target: str = _help("target model: a registry name, a Hugging Face folder or a .gguf file", default=DEFAULT_TARGET)
+    draft: str = _help("draft model (same forms as --target); 'none' for engines that need no draft", default=DEFAULT_DRAFT)
+    precision: str = _help(
+        "weight precision of the native backend: int8 (fastest on CPU), bf16, fp32, fp64",
+        default="int8",
+        choices=PRECISIONS,
+    )
+    backend: str = _help("native (fast, branchable KV cache) or hf (transformers reference)", default="native", choices=BACKENDS)
+    max_len: int = _help("KV cache capacity in tokens (prompt + generated)", default=4096)
+    threads: int = _help("CPU threads for torch (0 = all cores)", default=0)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.max_len < 16:
+            raise ConfigError(f"max_len must be >= 16 (got {self.max_len})")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (got {self.threads})")
+
+    @property
+    def has_draft(self) -> bool:
+        return self.draft.lower() != "none"
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = _help("stop after this many new tokens", default=128)
+    stop: tuple[str, ...] = _help("stop when the output contains this string (repeatable)", default=(), action="append")
+    chat_template: bool = _help("wrap the prompt in the model's chat template as a user message", default=True)
+    engine: str = _help("decoding engine: " + ", ".join(ENGINES), default="ar", choices=ENGINES)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
+        if any(not s for s in self.stop):
+            raise ConfigError("stop strings must not be empty")
+
+
+def field_specs(cls: type) -> list[tuple[str, Any, dict]]:
+    """(name, default, metadata) of every field: what the CLI builds its flags from."""
+    return [(f.name, f.default, dict(f.metadata)) for f in fields(cls)]
