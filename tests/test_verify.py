@@ -321,7 +321,7 @@ def chain_round_law(rule, drafts, target, draft_model, n: int) -> dict[tuple[int
     emitted: Counter = Counter()
     for xs, weight in drafts(n):
         p_rows = torch.stack([target[xs[:i]] for i in range(n + 1)])  # [n+1, V]
-        q_rows = torch.stack([draft_model[xs[:i]] for i in range(n)]).reshape(n, -1)  # [n, V]
+        q_rows = torch.stack([draft_model[xs[:i]] for i in range(n)] or [p_rows[0]])[:n]  # [n, V]
         law = rule(list(xs), p_rows, q_rows)
         for (j, v), mass in zip(itertools.product(range(n + 1), range(law.shape[1])), law.flatten().tolist()):
             emitted[xs[:j] + (v,)] += weight * mass
@@ -343,9 +343,9 @@ def prefix_deviation(emitted: dict, target: dict, vocab: int, n: int) -> float:
     return worst
 
 
-def sampled_drafts(draft_model):
+def sampled_drafts(draft_model, vocab: int):
     def drafts(n):
-        for xs in itertools.product(range(len(draft_model[()])), repeat=n):
+        for xs in itertools.product(range(vocab), repeat=n):
             yield xs, math.prod(float(draft_model[xs[:i]][xs[i]]) for i in range(n))
     return drafts
 
@@ -367,7 +367,7 @@ def test_rule_c_chain_is_exact(vocab, n, seed):
     g = gen(seed)
     target = random_tree(vocab, n + 1, g, sparse=seed == 1)
     draft_model = random_tree(vocab, n, g, sparse=seed == 2)
-    emitted = chain_round_law(chain_distribution_sampled, sampled_drafts(draft_model), target, draft_model, n)
+    emitted = chain_round_law(chain_distribution_sampled, sampled_drafts(draft_model, vocab), target, draft_model, n)
     assert abs(sum(emitted.values()) - 1) < 1e-12
     assert prefix_deviation(emitted, target, vocab, n) < EXACT
 
@@ -456,9 +456,9 @@ def test_chain_enumeration_catches_reused_uniforms_and_ratio_on_greedy_drafts():
     for seed in range(3):
         g = gen(seed)
         target, draft_model = random_tree(3, 3, g, sparse=False), random_tree(3, 2, g, sparse=False)
-        for rule, drafts, name in ((shared_uniform, sampled_drafts, "shared"),
-                                   (chain_distribution_sampled, greedy_drafts, "greedy")):
-            dev = prefix_deviation(chain_round_law(rule, drafts(draft_model), target, draft_model, 2), target, 3, 2)
+        for rule, drafts, name in ((shared_uniform, sampled_drafts(draft_model, 3), "shared"),
+                                   (chain_distribution_sampled, greedy_drafts(draft_model), "greedy")):
+            dev = prefix_deviation(chain_round_law(rule, drafts, target, draft_model, 2), target, 3, 2)
             if name == "shared":
                 worst_shared = max(worst_shared, dev)
             else:
@@ -542,7 +542,8 @@ def test_rule_c_branch_sampler_matches_target(wr):
 def test_monte_carlo_catches_max_p_first_sampler():
     def biased(cands, p, q, g):
         order = sorted(range(len(cands)), key=lambda b: -float(p[cands[b]]))
-        return select_branch_sampled([cands[b] for b in order], p, q, g, without_replacement=False)
+        verdict = select_branch_sampled([cands[b] for b in order], p, q, g, without_replacement=False)
+        return BranchVerdict(None if verdict.branch is None else order[verdict.branch], verdict.token)
 
     draws = 12000
     law = marginal_law(biased_max_p_first, MC_P, MC_Q, 3, False)
