@@ -51,7 +51,7 @@ def rollback(backend: Backend, n: int) -> None:
 class NativeBackend:
     """The native decoder with its preallocated, branchable KV cache."""
 
-    def __init__(self, decoder: Decoder, max_len: int = 4096, max_branches: int = 4, max_branch_len: int = 32):
+    def __init__(self, decoder: Decoder, max_len: int = 4096, max_branches: int = 8, max_branch_len: int = 32):
         self.decoder = decoder
         self.vocab_size = decoder.cfg.vocab_size
         self.cache: KVCache = decoder.new_cache(max_len, max_branches, max_branch_len)

@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
-from .config import GenerationConfig, ModelConfig, SamplingConfig, field_specs
+from .config import GenerationConfig, ModelConfig, SamplingConfig, SpeculationConfig, field_specs
 from .errors import SpecBranchError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,6 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     models = config_from_args(ModelConfig, args)
     gen = config_from_args(GenerationConfig, args)
     sampling = config_from_args(SamplingConfig, args)
+    spec = config_from_args(SpeculationConfig, args)
     prompt = read_prompt(args)
     if not prompt.strip():
         raise SpecBranchError("the prompt is empty: pass some text")
@@ -80,7 +81,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    result = pipe.generate(prompt, gen, sampling, on_text=show)
+    result = pipe.generate(prompt, gen, sampling, on_text=show, spec=spec)
     sys.stdout.write("\n")
     print(f"[{gen.engine}] {result.metrics.line()} | finish: {result.finish_reason}", file=err)
     return 0
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", help="the prompt text; '-' or omitted reads standard input")
     g.add_argument("-f", "--file", help="read the prompt from this file")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or load message")
-    for cls in (GenerationConfig, SamplingConfig, ModelConfig):
+    for cls in (GenerationConfig, SamplingConfig, SpeculationConfig, ModelConfig):
         add_config_flags(g, cls)
     g.set_defaults(func=cmd_generate)
 

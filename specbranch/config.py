@@ -15,6 +15,7 @@ from .models.linear import PRECISIONS
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 ENGINES = ("ar", "sd", "pearl", "specbranch")
+DRAFT_SAMPLING = ("sample", "greedy")
 BACKENDS = ("native", "hf")
 
 
@@ -86,6 +87,33 @@ class GenerationConfig:
             raise ConfigError(f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}")
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must not be empty")
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """How the speculative engines draft; none of these can change the output, only the speed."""
+
+    gamma: int = _help("draft tokens per round (sd: block length; pearl/specbranch: tokens drafted "
+                       "while the target verifies)", default=4)
+    branches: int = _help("specbranch: candidate tokens (k) forked at a branch point", default=3)
+    tau: float = _help("specbranch: draft top-1 probability at or below which a block is cut and the "
+                       "position becomes a branch point (0 = never cut)", default=0.4)
+    draft_sampling: str = _help(
+        "at temperature > 0: 'sample' drafts from q (verified by rejection sampling), 'greedy' drafts "
+        "argmax/top-k tokens (verified by match sampling)",
+        default="sample",
+        choices=DRAFT_SAMPLING,
+    )
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.gamma <= 16:
+            raise ConfigError(f"gamma must be in 1..16 (got {self.gamma})")
+        if not 1 <= self.branches <= 8:
+            raise ConfigError(f"branches must be in 1..8 (got {self.branches})")
+        if not 0 <= self.tau < 1:
+            raise ConfigError(f"tau must be in [0, 1) (got {self.tau}); use 0 to never cut blocks")
+        if self.draft_sampling not in DRAFT_SAMPLING:
+            raise ConfigError(f"draft_sampling must be one of {', '.join(DRAFT_SAMPLING)} (got {self.draft_sampling!r})")
 
 
 def field_specs(cls: type) -> list[tuple[str, Any, dict]]:

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .backend import Backend, NativeBackend
-from .config import GenerationConfig, ModelConfig, SamplingConfig
+from .config import GenerationConfig, ModelConfig, SamplingConfig, SpeculationConfig
 from .engines import ENGINE_CLASSES, Engine, GenerationResult, generate
 from .errors import ConfigError, ModelError
 from .models.tokenizer import Tokenizer
@@ -88,7 +88,7 @@ class Pipeline:
     def load_time_s(self) -> float:
         return self.target.load_time_s + (self.draft.load_time_s if self.draft else 0.0)
 
-    def engine(self, name: str) -> Engine:
+    def engine(self, name: str, spec: SpeculationConfig | None = None) -> Engine:
         cls = ENGINE_CLASSES.get(name)
         if cls is None:
             raise ConfigError(f"engine {name!r} is not available; choose one of {', '.join(ENGINE_CLASSES)}")
@@ -96,7 +96,7 @@ class Pipeline:
             return cls(self.target.backend)
         if self.draft is None:
             raise ConfigError(f"engine {name!r} needs a draft model: pass --draft")
-        return cls(self.target.backend, self.draft.backend)
+        return cls(self.target.backend, self.draft.backend, spec)
 
     def encode(self, prompt: str, chat_template: bool = True) -> list[int]:
         if chat_template:
@@ -112,6 +112,7 @@ class Pipeline:
         gen: GenerationConfig | None = None,
         sampling: SamplingConfig | None = None,
         on_text: Callable[[str], None] | None = None,
+        spec: SpeculationConfig | None = None,
     ) -> GenerationResult:
         gen, sampling = gen or GenerationConfig(), sampling or SamplingConfig()
         ids = self.encode(prompt, gen.chat_template) if isinstance(prompt, str) else list(prompt)
@@ -121,7 +122,7 @@ class Pipeline:
                 f"({self.cfg.max_len} tokens): shorten the prompt, lower --max-new-tokens or raise --max-len"
             )
         return generate(
-            self.engine(gen.engine),
+            self.engine(gen.engine, spec),
             ids,
             gen,
             sampling,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections import Counter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -77,3 +79,22 @@ def tiny_pair(tmp_path_factory):
         write_tiny_tokenizer(root / role)
         paths[role] = root / role
     return paths
+
+
+# ---------------------------------------------------------------- statistics shared by the Monte Carlo tests
+
+
+def chi2_pvalue(stat: float, df: int) -> float:
+    """Upper tail of chi-square (Wilson-Hilferty; plenty accurate at the 1e-6 level we test)."""
+    h = 2.0 / (9.0 * df)
+    z = ((stat / df) ** (1.0 / 3.0) - (1.0 - h)) / math.sqrt(h)
+    return 0.5 * math.erfc(z / math.sqrt(2.0))
+
+
+def assert_matches(counts: Counter, expected: dict, draws: int, alpha: float = 1e-6) -> None:
+    """Chi-square goodness of fit; a sample in a zero-probability cell fails outright."""
+    impossible = [c for c in counts if expected.get(c, 0.0) <= 0.0]
+    assert not impossible, f"sampled impossible outcomes {impossible}"
+    cells = [c for c, e in expected.items() if e > 0]
+    stat = sum((counts.get(c, 0) - draws * expected[c]) ** 2 / (draws * expected[c]) for c in cells)
+    assert len(cells) == 1 or chi2_pvalue(stat, len(cells) - 1) > alpha, (stat, len(cells) - 1)

@@ -18,6 +18,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import assert_matches, chi2_pvalue
 
 from specbranch.sampling import (
     RESIDUAL_EPS,
@@ -467,22 +468,6 @@ def test_chain_enumeration_catches_reused_uniforms_and_ratio_on_greedy_drafts():
 
 
 # ---------------------------------------------------------------- Monte Carlo on the real samplers
-
-
-def chi2_pvalue(stat: float, df: int) -> float:
-    """Upper tail of chi-square (Wilson-Hilferty; plenty accurate at the 1e-6 level we test)."""
-    h = 2.0 / (9.0 * df)
-    z = ((stat / df) ** (1.0 / 3.0) - (1.0 - h)) / math.sqrt(h)
-    return 0.5 * math.erfc(z / math.sqrt(2.0))
-
-
-def assert_matches(counts: Counter, expected: dict, draws: int, alpha: float = 1e-6) -> None:
-    """Chi-square goodness of fit; a sample in a zero-probability cell fails outright."""
-    impossible = [c for c in counts if expected.get(c, 0.0) <= 0.0]
-    assert not impossible, f"sampled impossible outcomes {impossible}"
-    cells = [c for c, e in expected.items() if e > 0]
-    stat = sum((counts.get(c, 0) - draws * expected[c]) ** 2 / (draws * expected[c]) for c in cells)
-    assert len(cells) == 1 or chi2_pvalue(stat, len(cells) - 1) > alpha, (stat, len(cells) - 1)
 
 
 def test_chi2_helper_has_power():

@@ -1,0 +1,35 @@
+"""Classic speculative decoding (Leviathan et al. 2023; Chen et al. 2023), DESIGN.md §2.1.
+
+One round: the draft proposes γ tokens one by one, then the target scores them all in one
+forward and verification keeps the accepted prefix plus a correction (or a bonus token when all
+γ pass). The target waits for the draft and vice versa: that mutual waiting is what PEARL and
+SpecBranch remove.
+"""
+
+from __future__ import annotations
+
+from .speculative import Position, SpeculativeEngine
+
+
+class SDEngine(SpeculativeEngine):
+    name = "sd"
+
+    def draft_round(self) -> list[Position]:
+        """Draft worker: γ chain tokens after the committed text."""
+        logits = self.draft.feed(self.committed)[0]  # [V]: q at the first new position
+        block: list[Position] = []
+        for i in range(self.spec.gamma):
+            block.append(self.speculator.candidates(logits, 1))
+            if i + 1 < self.spec.gamma:  # the last token is fed next round, if it survives
+                logits = self.draft.feed_rows(block[-1].candidates)[0]
+        return block
+
+    def step(self) -> list[int]:
+        block = self.draft_round()
+        drafted = [pos.candidates[0] for pos in block]
+        # target worker: p at every drafted position plus the bonus position -> [γ+1, V]
+        logits = self.target.feed(self.committed + drafted, rows=len(block) + 1)
+        out = self.speculator.verify(block, logits, bonus=True)
+        self.record(len(block), out.num_accepted, len(block), len(block) - out.num_accepted)
+        self.committed += out.tokens
+        return out.tokens

@@ -1,0 +1,194 @@
+"""Whole engines are lossless: at T = 0 token for token equal to `ar`; at T > 0 the law of the first
+generated tokens equals the target's (chi-square, with a known-biased rule as the test of the test)."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import pytest
+import torch
+from conftest import assert_matches, make_tiny_hf
+
+from specbranch.backend import NativeBackend
+from specbranch.backend_hf import HFBackend
+from specbranch.config import GenerationConfig, SamplingConfig, SpeculationConfig
+from specbranch.engines import ENGINE_CLASSES, AREngine, generate
+from specbranch.engines import speculative
+from specbranch.models.decoder import Decoder, DecoderConfig
+from specbranch.sampling import probs_from_logits
+from specbranch.verify import BranchVerdict, select_branch_sampled
+
+SPECULATIVE = ("sd", "pearl", "specbranch")
+
+
+def native(model, precision="fp64") -> NativeBackend:
+    cfg = DecoderConfig.from_hf(model.config.to_dict())
+    return NativeBackend(Decoder(cfg, model.state_dict(), precision), max_len=512)
+
+
+def perturbed(model, seed: int, scale: float):
+    """A copy of ``model`` with noise on every matrix: a draft that mostly agrees with its target."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale * p.std())
+    return draft
+
+
+@pytest.fixture(scope="module")
+def greedy_pair():
+    target = make_tiny_hf("qwen2", seed=5, tie=True, vocab_size=64, dtype=torch.float64)
+    return target, perturbed(target, seed=6, scale=0.05)
+
+
+def run(engine, prompt, n, sampling=SamplingConfig(), eos=()):
+    return generate(engine, prompt, GenerationConfig(max_new_tokens=n), sampling, eos_ids=eos)
+
+
+SETTINGS = [  # (gamma, branches, tau)
+    (1, 1, 0.0),
+    (2, 3, 0.15),
+    (4, 3, 0.1),
+    (5, 2, 0.2),
+    (3, 4, 0.99),
+]
+
+
+@pytest.mark.parametrize("name", SPECULATIVE)
+@pytest.mark.parametrize("gamma,branches,tau", SETTINGS)
+def test_greedy_equals_ar(greedy_pair, name, gamma, branches, tau):
+    target_model, draft_model = greedy_pair
+    target, draft = native(target_model), native(draft_model)
+    spec = SpeculationConfig(gamma=gamma, branches=branches, tau=tau)
+    engine = ENGINE_CLASSES[name](target, draft, spec)
+    ar_target = native(target_model)
+    accepted = 0
+    for seed, length in itertools.product(range(3), (1, 2, 9)):
+        prompt = torch.randint(0, 64, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+        want = run(AREngine(ar_target), prompt, 40)
+        got = run(engine, prompt, 40)
+        assert got.tokens == want.tokens, (seed, length)
+        m = got.metrics
+        assert m.new_tokens == 40 and 0 <= m.num_accepted_tokens <= m.num_draft_tokens
+        assert m.target_forwards <= want.metrics.target_forwards + 1
+        accepted += m.num_accepted_tokens
+    assert accepted > 0  # the draft is close enough that speculation really happens
+
+
+def test_specbranch_branches_and_hits(greedy_pair):
+    """With τ near the draft's typical confidence both blocks and branch points occur, and the
+    metrics show branches being taken and hit."""
+    target_model, draft_model = greedy_pair
+    engine = ENGINE_CLASSES["specbranch"](native(target_model), native(draft_model), SpeculationConfig(4, 3, 0.12))
+    m = run(engine, [1, 2, 3], 60).metrics
+    assert m.num_branch_points > 5 and 0 < m.num_branch_hits <= m.num_branch_points
+    assert m.mean_accepted_length > 1.3
+    assert m.branch_forwards > 0 and m.branch_rollback_tokens > 0
+    assert 0 <= m.rollback_rate <= 1
+
+
+def test_greedy_equals_ar_on_the_transformers_backend(greedy_pair):
+    """The same engines run over the transformers backend (fork = copied cache rows)."""
+    target_model, draft_model = greedy_pair
+    want = run(AREngine(native(target_model)), [7, 8, 9], 30).tokens
+    for name in SPECULATIVE:
+        engine = ENGINE_CLASSES[name](HFBackend(target_model), HFBackend(draft_model), SpeculationConfig(3, 3, 0.9))
+        assert run(engine, [7, 8, 9], 30).tokens == want, name
+
+
+@pytest.mark.parametrize("name", SPECULATIVE)
+def test_stops_at_eos_and_never_overshoots(greedy_pair, name):
+    target_model, draft_model = greedy_pair
+    engine = ENGINE_CLASSES[name](native(target_model), native(draft_model), SpeculationConfig(4, 3, 0.5))
+    full = run(AREngine(native(target_model)), [4, 5], 30).tokens
+    eos = full[11]
+    cut = full[: full.index(eos)]
+    got = run(engine, [4, 5], 30, eos=(eos,))
+    assert got.tokens == cut and got.finish_reason == "stop"
+    for n in (1, 2, 3, 7):
+        got = run(engine, [4, 5], n)
+        assert got.tokens == full[:n] and got.finish_reason == "length"
+
+
+# ---------------------------------------------------------------- T > 0: the output law
+
+
+VOCAB, STEPS, DRAWS = 5, 3, 20000
+
+
+@pytest.fixture(scope="module")
+def sampling_pair():
+    """Tiny-vocabulary target and an unrelated draft (q far from p, so bias would show)."""
+    small = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=24, num_hidden_layers=1)
+    target = make_tiny_hf("qwen2", seed=11, tie=True, dtype=torch.float64, **small)
+    draft = make_tiny_hf("qwen2", seed=12, tie=True, dtype=torch.float64, **small)
+    return target, draft
+
+
+def target_law(model, prompt, sampling) -> dict:
+    """Exact law of the first STEPS tokens under the target, by enumeration."""
+    backend = native(model)
+    law = {}
+    for seq in itertools.product(range(VOCAB), repeat=STEPS):
+        prob = 1.0
+        for i in range(STEPS):
+            backend.reset()
+            logits = backend.forward(torch.tensor([prompt + list(seq[:i])])).logits[0, -1]
+            prob *= float(probs_from_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p)[seq[i]])
+        law[seq] = prob
+    return law
+
+
+def sample_engine(engine, prompt, sampling, draws) -> Counter:
+    counts = Counter()
+    gen = GenerationConfig(max_new_tokens=STEPS)
+    for seed in range(draws):
+        s = SamplingConfig(sampling.temperature, sampling.top_k, sampling.top_p, seed=seed)
+        counts[tuple(generate(engine, prompt, gen, s).tokens)] += 1
+    return counts
+
+
+CASES = [  # (engine, draft_sampling, sampling)
+    ("sd", "sample", SamplingConfig(temperature=1.0)),
+    ("pearl", "sample", SamplingConfig(temperature=0.8, top_p=0.9)),
+    ("specbranch", "sample", SamplingConfig(temperature=1.0)),
+    ("specbranch", "greedy", SamplingConfig(temperature=1.2, top_k=4)),
+]
+
+
+@pytest.mark.parametrize("name,draft_sampling,sampling", CASES)
+def test_sampled_output_follows_the_target(sampling_pair, name, draft_sampling, sampling):
+    target_model, draft_model = sampling_pair
+    spec = SpeculationConfig(gamma=2, branches=3, tau=0.99, draft_sampling=draft_sampling)
+    engine = ENGINE_CLASSES[name](native(target_model), native(draft_model), spec)
+    prompt = [1, 3]
+    counts = sample_engine(engine, prompt, sampling, DRAWS)
+    assert_matches(counts, target_law(target_model, prompt, sampling), DRAWS)
+
+
+class MaxPFirst(speculative.Speculator):
+    """The reference code's branch rule: test candidates in order of target probability."""
+
+    def _select(self, pos, logits):
+        if len(pos.candidates) == 1:
+            return super()._select(pos, logits)
+        p = self.probs(logits)
+        order = sorted(range(len(pos.candidates)), key=lambda b: -float(p[pos.candidates[b]]))
+        v = select_branch_sampled([pos.candidates[b] for b in order], p, pos.q, self.rng, without_replacement=True)
+        return BranchVerdict(None if v.branch is None else order[v.branch], v.token)
+
+
+def test_chi_square_catches_the_reference_branch_rule(sampling_pair, monkeypatch):
+    target_model, draft_model = sampling_pair
+    monkeypatch.setattr(speculative, "Speculator", MaxPFirst)
+    spec = SpeculationConfig(gamma=2, branches=3, tau=0.99)
+    engine = ENGINE_CLASSES["specbranch"](native(target_model), native(draft_model), spec)
+    sampling = SamplingConfig(temperature=1.0)
+    counts = sample_engine(engine, [1, 3], sampling, DRAWS)
+    with pytest.raises(AssertionError):
+        assert_matches(counts, target_law(target_model, [1, 3], sampling), DRAWS)
