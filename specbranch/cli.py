@@ -13,7 +13,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
-from .config import GenerationConfig, ModelConfig, SamplingConfig, SpeculationConfig, field_specs
+from .config import BenchConfig, GenerationConfig, ModelConfig, SamplingConfig, SpeculationConfig, field_specs
 from .errors import SpecBranchError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,6 +87,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.report import write_report
+    from .bench.runner import run_bench
+
+    bench = config_from_args(BenchConfig, args)
+    result = run_bench(
+        config_from_args(ModelConfig, args), bench, config_from_args(SamplingConfig, args),
+        config_from_args(SpeculationConfig, args), progress=not args.quiet,
+    )
+    md, plot_paths = write_report(result, Path(bench.out))
+    print(md)
+    print(f"wrote {Path(bench.out) / 'results.json'}, {Path(bench.out) / 'report.md'}, "
+          + ", ".join(str(p) for p in plot_paths), file=sys.stderr)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import registry
 
@@ -113,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in (GenerationConfig, SamplingConfig, SpeculationConfig, ModelConfig):
         add_config_flags(g, cls)
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="compare engines on HumanEval / GSM8K / MT-bench prompts: speed, "
+                       "acceptance, losslessness and pass@1, as JSON, Markdown and plots")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    for cls in (BenchConfig, SamplingConfig, SpeculationConfig, ModelConfig):
+        add_config_flags(b, cls)
+    b.set_defaults(func=cmd_bench)
 
     m = sub.add_parser("models", help="list the default models or prepare (assemble + convert) them")
     m.add_argument("action", nargs="?", choices=["list", "prepare"], default="list",

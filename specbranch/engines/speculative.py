@@ -131,10 +131,12 @@ class SpeculativeEngine(Engine):
         self.draft.reset(prompt, metrics)
         self.speculator = Speculator(sampling, self.spec.draft_sampling, rng)
 
-    def record(self, submitted: int, accepted: int, drafted: int, discarded: int) -> None:
+    def record(self, submitted: int, accepted: int, drafted: int, discarded: int, committed: int) -> None:
         """Count one verification: ``submitted`` drafts checked, ``accepted`` kept, ``drafted``
-        tokens produced this round (outside unselected branches), ``discarded`` rolled back."""
+        tokens produced this round (outside unselected branches), ``discarded`` rolled back,
+        ``committed`` tokens emitted by it."""
         m = self.metrics
+        m.accepted_lengths.append(committed)
         m.num_drafts += 1
         m.num_draft_tokens += submitted
         m.num_accepted_tokens += accepted

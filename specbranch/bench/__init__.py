@@ -1,0 +1,1 @@
+"""`specbranch bench`: engines side by side on real prompts, interleaved, with output checks."""

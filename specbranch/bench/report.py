@@ -1,0 +1,162 @@
+"""Benchmark runs -> aggregates, a Markdown table, PNG plots and results.json.
+
+Rates are pooled over a dataset's runs (sum of numerators / sum of denominators), so long and short
+generations weigh by their tokens; tokens/s and speedups are medians, the speedup being the median
+over prompts of (engine tokens/s) / (ar tokens/s) on the same prompt and repeat.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from .runner import BenchResult, Run
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    dataset: str
+    engine: str
+    runs: int
+    tokens_per_s: float  # median
+    speedup: float  # median of per-prompt ratios to ar
+    mean_accepted_length: float
+    acceptance_rate: float
+    rollback_rate: float
+    branch_hit_rate: float | None
+    target_idle: float | None
+    draft_idle: float | None
+    mismatches: int | None  # T = 0: runs whose tokens differ from ar's
+    pass_at_1: float | None
+
+
+def _pooled(runs: list[Run], num: str, den: str) -> float:
+    d = sum(r.metrics.get(den, 0) for r in runs)
+    return sum(r.metrics.get(num, 0) for r in runs) / d if d else 0.0
+
+
+def aggregate(result: BenchResult) -> list[Aggregate]:
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    ar: dict[tuple[str, str, int], float] = {}
+    for r in result.runs:
+        groups[(r.dataset, r.engine)].append(r)
+        if r.engine == "ar":
+            ar[(r.dataset, r.prompt_id, r.repeat)] = r.tokens_per_s
+    out = []
+    for (dataset, engine), runs in groups.items():
+        native = engine != "hf-assisted"
+        ratios = [r.tokens_per_s / ar[(dataset, r.prompt_id, r.repeat)] for r in runs
+                  if ar.get((dataset, r.prompt_id, r.repeat))]
+        forwards = sum(r.metrics.get("target_forwards", 0) - 1 for r in runs)
+        checked = [r for r in runs if r.matches_ar is not None]
+        graded = [r for r in runs if r.passed is not None]
+        idle = lambda key: statistics.median(r.metrics[key] for r in runs) if native and engine != "ar" else None  # noqa: E731
+        out.append(Aggregate(
+            dataset=dataset,
+            engine=engine,
+            runs=len(runs),
+            tokens_per_s=statistics.median(r.tokens_per_s for r in runs),
+            speedup=statistics.median(ratios) if ratios else float("nan"),
+            mean_accepted_length=sum(r.metrics["new_tokens"] for r in runs) / forwards if native and forwards else float("nan"),
+            acceptance_rate=_pooled(runs, "num_accepted_tokens", "num_draft_tokens"),
+            rollback_rate=_pooled(runs, "rollback_tokens", "drafted_tokens"),
+            branch_hit_rate=_pooled(runs, "num_branch_hits", "num_branch_points") if engine == "specbranch" else None,
+            target_idle=idle("target_idle_fraction"),
+            draft_idle=idle("draft_idle_fraction"),
+            mismatches=sum(not r.matches_ar for r in checked) if checked else None,
+            pass_at_1=sum(r.passed for r in graded) / len(graded) if graded else None,
+        ))
+    return out
+
+
+def _fmt(x: float | None, pct: bool = False) -> str:
+    if x is None or x != x:  # None or NaN
+        return "–"
+    return f"{x:.1%}" if pct else f"{x:.2f}"
+
+
+def markdown(result: BenchResult, aggs: list[Aggregate]) -> str:
+    b, s = result.config["bench"], result.config["sampling"]
+    env = result.environment
+    lines = [
+        "# specbranch bench",
+        "",
+        f"{b['max_new_tokens']} new tokens, temperature {s['temperature']}, {b['num_prompts']} prompts per dataset, "
+        f"{b['repeats']} repeat(s), engines interleaved per prompt; models {result.config['models']['target']} / "
+        f"{result.config['models']['draft']} at {result.config['models']['precision']}; "
+        f"torch {env['torch']}, {env['cpu_count']} CPUs, commit {env['git_commit']}, {env['time']}.",
+        "",
+        "| dataset | engine | tok/s (median) | speedup vs ar | mean accepted length | acceptance | rollback "
+        "| branch hits | target idle | draft idle | mismatches vs ar | pass@1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for a in aggs:
+        lines.append(
+            f"| {a.dataset} | {a.engine} | {_fmt(a.tokens_per_s)} | {_fmt(a.speedup)}× | {_fmt(a.mean_accepted_length)} "
+            f"| {_fmt(a.acceptance_rate, True) if a.engine not in ('ar', 'hf-assisted') else '–'} "
+            f"| {_fmt(a.rollback_rate, True) if a.engine not in ('ar', 'hf-assisted') else '–'} "
+            f"| {_fmt(a.branch_hit_rate, True)} | {_fmt(a.target_idle, True)} | {_fmt(a.draft_idle, True)} "
+            f"| {'–' if a.mismatches is None else f'{a.mismatches}/{a.runs}'} | {_fmt(a.pass_at_1, True)} |"
+        )
+    lines += ["", "Speedup: median over prompts of engine tok/s ÷ ar tok/s on the same prompt in this run. "
+              "Rates are pooled over the dataset's runs. hf-assisted runs transformers' own numerics, so a "
+              "few greedy mismatches against our native ar are float ties, not loss."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(result: BenchResult, aggs: list[Aggregate], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    datasets = list(dict.fromkeys(a.dataset for a in aggs))
+    engines = list(dict.fromkeys(a.engine for a in aggs))
+    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(datasets), 4))
+    width = 0.8 / len(engines)
+    for i, engine in enumerate(engines):
+        ys = [next((a.speedup for a in aggs if a.dataset == d and a.engine == engine), 0.0) for d in datasets]
+        ax.bar([x + i * width for x in range(len(datasets))], ys, width, label=engine)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_xticks([x + width * (len(engines) - 1) / 2 for x in range(len(datasets))], datasets)
+    ax.set_ylabel("speedup vs ar (median)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out / "speedup.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    lengths: dict[str, list[int]] = defaultdict(list)
+    for r in result.runs:
+        lengths[r.engine] += r.metrics.get("accepted_lengths", [])
+    spec = [e for e in engines if lengths.get(e)]
+    if spec:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        top = max(max(v) for v in lengths.values() if v)
+        bins = [x - 0.5 for x in range(1, top + 2)]
+        for engine in spec:
+            ax.hist(lengths[engine], bins=bins, alpha=0.5, label=engine, density=True)
+        ax.set_xlabel("tokens committed per target forward")
+        ax.set_ylabel("fraction of rounds")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / "accepted_length.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def write_report(result: BenchResult, out: Path) -> tuple[str, list[Path]]:
+    """results.json + report.md + plots in ``out``; returns the Markdown and the plot paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    aggs = aggregate(result)
+    data = result.to_json()
+    data["aggregates"] = [a.__dict__ for a in aggs]
+    (out / "results.json").write_text(json.dumps(data, indent=1))
+    md = markdown(result, aggs)
+    (out / "report.md").write_text(md)
+    return md, plots(result, aggs, out)

@@ -1,0 +1,79 @@
+"""The benchmark harness on the tiny pair: interleaving, output checks, pass@1, report files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from specbranch.bench.datasets import humaneval_path, load_prompts
+from specbranch.bench.humaneval import extract_code, pass_at_1
+from specbranch.bench.report import aggregate, write_report
+from specbranch.bench.runner import Bench
+from specbranch.config import BenchConfig, ModelConfig, SamplingConfig, SpeculationConfig
+from specbranch.errors import ConfigError
+from specbranch.pipeline import Pipeline
+
+
+def humaneval_problems(n: int) -> list[dict]:
+    with gzip.open(humaneval_path(), "rt") as f:
+        return [json.loads(line) for line, _ in zip(f, range(n))]
+
+
+def test_pass_at_1_runs_the_unit_tests():
+    problems = humaneval_problems(3)
+    right = [(p, f"Here:\n```python\n{p['prompt']}{p['canonical_solution']}```\n") for p in problems]
+    wrong = [(p, f"```python\ndef {p['entry_point']}(*args):\n    return None\n```") for p in problems]
+    assert pass_at_1(right + wrong) == [True] * 3 + [False] * 3
+
+
+def test_extract_code_takes_the_first_block_even_unterminated():
+    assert extract_code("x\n```python\na = 1\n```\n```python\nb\n```") == "a = 1\n"
+    assert extract_code("```py\ndef f():\n    return") == "def f():\n    return"
+    assert extract_code("no fences") == "no fences"
+
+
+def test_jsonl_prompt_fields(tmp_path):
+    path = tmp_path / "mt.jsonl"
+    path.write_text(json.dumps({"question_id": 7, "turns": ["first", "second"]}) + "\n\n"
+                    + json.dumps({"question": "q2"}) + "\n")
+    name, prompts = load_prompts(str(path), 5)
+    assert name == "mt" and [(p.id, p.text) for p in prompts] == [("7", "first"), ("1", "q2")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"answer": 1}\n')
+    with pytest.raises(ConfigError, match="prompt fields"):
+        load_prompts(str(bad), 1)
+    with pytest.raises(ConfigError, match="neither"):
+        load_prompts(str(tmp_path / "missing.jsonl"), 1)
+
+
+def test_bench_config_validates():
+    with pytest.raises(ConfigError, match="unknown engine"):
+        BenchConfig(engines="ar,warp")
+    assert BenchConfig(engines="specbranch,ar,sd").engine_list == ["ar", "specbranch", "sd"]
+    quick = BenchConfig(quick=True).resolved()
+    assert (quick.num_prompts, quick.max_new_tokens, quick.dataset_list) == (3, 64, ["humaneval"])
+
+
+def test_bench_on_the_tiny_pair(tiny_pair, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in ("def add(a, b):", "Hello world", "x")))
+    models = ModelConfig(target=str(tiny_pair["target"]), draft=str(tiny_pair["draft"]), precision="fp32")
+    bench = BenchConfig(datasets=f"humaneval,{data}", num_prompts=2, engines="sd,pearl,specbranch",
+                        max_new_tokens=12, warmup=1, repeats=2, out=str(tmp_path / "out"))
+    result = Bench(Pipeline(models, progress=False), bench, SamplingConfig(), SpeculationConfig(3, 3, 0.3)).run(False)
+    # interleaved: ar, sd, pearl, specbranch for each prompt and repeat, in that order
+    assert [r.engine for r in result.runs[:8]] == ["ar", "sd", "pearl", "specbranch"] * 2
+    assert len(result.runs) == 2 * 2 * 2 * 4
+    assert all(r.matches_ar for r in result.runs)  # greedy: lossless engines equal ar
+    assert all(r.passed is not None for r in result.runs if r.dataset == "humaneval")
+    assert all(r.passed is None for r in result.runs if r.dataset == "d")
+    aggs = {(a.dataset, a.engine): a for a in aggregate(result)}
+    assert aggs[("d", "ar")].speedup == pytest.approx(1.0)
+    assert aggs[("d", "sd")].mismatches == 0 and aggs[("d", "sd")].mean_accepted_length >= 1.0
+    md, plots = write_report(result, tmp_path / "out")
+    assert "| d | specbranch |" in md and "0/4" in md
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(saved["runs"]) == 32 and len(saved["aggregates"]) == 8
+    assert [p.name for p in plots] == ["speedup.png", "accepted_length.png"] and all(p.stat().st_size > 1000 for p in plots)

@@ -1,0 +1,55 @@
+"""End-to-end on the real default pair (Qwen2.5-Coder 1.5B target, 0.5B draft).
+
+Slow-ish (the first run assembles and converts the models, ~2 min; later runs load them in
+seconds), but this is the path users run, so it is part of the default suite.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from specbranch.bench.datasets import load_prompts
+from specbranch.config import GenerationConfig, ModelConfig, SamplingConfig, SpeculationConfig
+from specbranch.pipeline import Pipeline
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[str]:
+    return [p.text for p in load_prompts("humaneval", 3)[1]]
+
+
+def test_every_engine_reproduces_ar_on_the_real_pair(prompts):
+    pipe = Pipeline(ModelConfig(precision="int8"), progress=False)
+    gen = GenerationConfig(max_new_tokens=40)
+    want = pipe.generate(prompts[0], gen)
+    assert len(want.tokens) == 40 and "def " in want.text
+    for engine in ("sd", "pearl", "specbranch"):
+        got = pipe.generate(prompts[0], GenerationConfig(max_new_tokens=40, engine=engine), spec=SpeculationConfig())
+        assert got.tokens == want.tokens, engine
+        assert got.metrics.acceptance_rate > 0.5, (engine, got.metrics.line())  # the pair agrees: real speculation
+        assert got.metrics.target_forwards < want.metrics.target_forwards, engine
+    sampled = pipe.generate(prompts[0], GenerationConfig(max_new_tokens=16, engine="specbranch"),
+                            SamplingConfig(temperature=0.7, seed=3))
+    assert len(sampled.tokens) == 16
+
+
+def test_native_decoder_matches_transformers_on_the_real_target(prompts):
+    """Same precision (fp32), greedy, 32 tokens, 3 HumanEval prompts: the native decoder and
+    transformers' own ``generate`` emit the same tokens."""
+    from transformers import AutoModelForCausalLM
+
+    pipe = Pipeline(ModelConfig(precision="fp32", draft="none"), progress=False)
+    ids = [pipe.encode(p) for p in prompts]
+    native = [pipe.generate(i, GenerationConfig(max_new_tokens=32)).tokens for i in ids]
+    folder = pipe.target.folder
+    del pipe
+    gc.collect()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for i, want in zip(ids, native):
+        out = model.generate(torch.tensor([i]), max_new_tokens=32, do_sample=False, eos_token_id=None)
+        assert out[0, len(i):].tolist()[: len(want)] == want
