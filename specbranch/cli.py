@@ -103,6 +103,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_roofline(args: argparse.Namespace) -> int:
+    from .bench.roofline import roofline
+
+    for line in roofline(config_from_args(ModelConfig, args), args.num_prompts, args.max_new_tokens, args.repeats):
+        print(line)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import registry
 
@@ -136,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in (BenchConfig, SamplingConfig, SpeculationConfig, ModelConfig):
         add_config_flags(b, cls)
     b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("roofline", help="AR decode speed of target and draft vs the memory-bandwidth bound")
+    r.add_argument("--num-prompts", type=int, default=3, help="HumanEval prompts to decode (default: %(default)s)")
+    r.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generation (default: %(default)s)")
+    r.add_argument("--repeats", type=int, default=1, help="passes over the prompts (default: %(default)s)")
+    add_config_flags(r, ModelConfig)
+    r.set_defaults(func=cmd_roofline)
 
     m = sub.add_parser("models", help="list the default models or prepare (assemble + convert) them")
     m.add_argument("action", nargs="?", choices=["list", "prepare"], default="list",

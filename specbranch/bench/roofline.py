@@ -1,0 +1,88 @@
+"""`specbranch roofline`: how close AR decoding is to the memory-bandwidth bound.
+
+Decoding one token reads every weight once, so ``weight bytes / read bandwidth`` is a floor on the
+per-token time. This measures both on this machine, times AR decoding of the target and the draft
+(median over prompts and repeats) and prints the ratios the performance goals are stated in.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..config import GenerationConfig, ModelConfig, SamplingConfig
+from ..engines import AREngine, generate
+from ..models.linear import Int8Linear
+from ..pipeline import LoadedModel, Pipeline
+from .datasets import load_prompts
+
+
+def read_bandwidth(gb: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of streaming reads (a sum over a buffer far larger than any cache), best of ``repeats``."""
+    x = torch.ones(int(gb * 1e9) // 4, dtype=torch.float32)
+    x.sum()  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def weight_bytes_per_token(model: LoadedModel) -> int:
+    """Bytes one decode step must read: every linear's weights (int8 + scales, or dense) and the
+    norms; the embedding table contributes one row."""
+    dec = model.backend.decoder
+    total = dec.embed.shape[1] * dec.embed.element_size() + dec.norm.numel() * dec.norm.element_size()
+    for lin in dec.linears().values():
+        if isinstance(lin, Int8Linear):
+            total += lin.qweight.numel() + lin.scale.numel() * 4 + (0 if lin.bias is None else lin.bias.numel() * 4)
+        else:
+            total += lin.weight.numel() * lin.weight.element_size()
+    for layer in dec.layers:
+        total += (layer.ln_attn.numel() + layer.ln_mlp.numel()) * layer.ln_attn.element_size()
+    return total
+
+
+@dataclass
+class Speed:
+    name: str
+    ms_per_token: float  # median decode time per token
+    tokens_per_s: float
+    weight_gb: float
+    bound_ms: float  # weight bytes / bandwidth
+
+    def line(self) -> str:
+        return (f"{self.name:8s} {self.tokens_per_s:6.2f} tok/s = {self.ms_per_token:6.1f} ms/token | weights read "
+                f"per token {self.weight_gb:.3f} GB -> bandwidth bound {self.bound_ms:.1f} ms | "
+                f"{self.ms_per_token / self.bound_ms:.2f}x the bound")
+
+
+def ar_speed(model: LoadedModel, pipe: Pipeline, prompts: list[str], tokens: int, repeats: int, bw: float) -> Speed:
+    times = []
+    for _ in range(repeats):
+        for text in prompts:
+            r = generate(AREngine(model.backend), pipe.encode(text), GenerationConfig(max_new_tokens=tokens),
+                         SamplingConfig(), eos_ids=())
+            times.append(r.metrics.decode_time_s / r.metrics.new_tokens)
+    ms = statistics.median(times) * 1e3
+    gb = weight_bytes_per_token(model) / 1e9
+    return Speed(model.name, ms, 1e3 / ms, gb, gb * 1e9 / bw * 1e3)
+
+
+def roofline(models: ModelConfig, num_prompts: int = 3, tokens: int = 128, repeats: int = 1) -> list[str]:
+    t0 = time.perf_counter()
+    pipe = Pipeline(models, progress=False)
+    lines = [f"load (warm if the int8 cache exists): {time.perf_counter() - t0:.1f} s "
+             f"(target {pipe.target.load_time_s:.1f} s, draft {pipe.draft.load_time_s if pipe.draft else 0:.1f} s)"]
+    bw = read_bandwidth()
+    lines.append(f"measured read bandwidth: {bw / 1e9:.1f} GB/s ({torch.get_num_threads()} threads)")
+    prompts = [p.text for p in load_prompts("humaneval", num_prompts)[1]]
+    speeds = [ar_speed(m, pipe, prompts, tokens, repeats, bw) for m in (pipe.target, pipe.draft) if m]
+    lines += [s.line() for s in speeds]
+    if len(speeds) == 2:
+        lines.append(f"draft/target per-token cost: {speeds[1].ms_per_token / speeds[0].ms_per_token:.2f}")
+    return lines
