@@ -257,6 +257,8 @@ CHAT_BODY = {"model": "target", "messages": [{"role": "user", "content": "hi"}],
 @pytest.mark.parametrize("path,body,status,param,needle", [
     ("/v1/completions", b'{"model": "target", "prompt": ', 400, None, "not valid JSON"),
     ("/v1/chat/completions", b"not json at all", 400, None, "not valid JSON"),
+    ("/v1/completions", b"[1, 2]", 400, None, "JSON object"),
+    ("/v1/completions", b"", 400, None, "JSON object"),
     ("/v1/completions", {**COMPLETION, "model": "gpt-4"}, 404, "model", "does not exist"),
     ("/v1/completions", {**COMPLETION, "max_tokens": 0}, 400, "max_tokens", ">= 1"),
     ("/v1/completions", {**COMPLETION, "max_tokens": -5}, 400, "max_tokens", ">= 1"),
@@ -295,6 +297,17 @@ def test_bad_requests_get_openai_errors(main, path, body, status, param, needle)
     if param is not None:
         assert err["param"] == param, err
     assert err["type"] == "invalid_request_error"
+
+
+def test_oversized_body_and_wrong_method(main):
+    host, port = main.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:  # announce 1 GB, send none of it
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                  "Content-Type: application/json\r\nContent-Length: 1000000000\r\n\r\n".encode())
+        head = s.recv(65536).decode("latin-1")
+    assert head.startswith("HTTP/1.1 413") and "request_too_large" in head
+    r = main.http.get("/v1/completions")
+    assert r.status_code == 405 and error_of(r)["code"] == "method_not_allowed"
 
 
 def test_errors_reach_openai_clients_and_the_server_lives_on(main, refs):

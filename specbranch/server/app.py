@@ -217,8 +217,8 @@ class Service:
         if req.stream:
             loop = asyncio.get_running_loop()
             events: asyncio.Queue[list[int] | None] = asyncio.Queue()
-            job.on_tokens = lambda tokens: loop.call_soon_threadsafe(events.put_nowait, tokens)
-            job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
+            job.on_tokens = lambda tokens: _post(loop, events, tokens)
+            job.future.add_done_callback(lambda _: _post(loop, events, None))  # None = the job has ended
             self.submit(job, endpoint)
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(self.stream(job, events, rid, chat, include_usage), media_type="text/event-stream",
@@ -271,6 +271,15 @@ class Service:
             # Reached early when the client disconnects (the response task is cancelled): stop the
             # generation within one round instead of decoding for nobody. A no-op once it is done.
             job.cancel()
+
+
+def _post(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, item: list[int] | None) -> None:
+    """Hand an item from the worker thread to a stream on the event loop (asyncio queues are not
+    thread-safe). After shutdown the loop is closed and nobody is listening: drop it."""
+    try:
+        loop.call_soon_threadsafe(events.put_nowait, item)
+    except RuntimeError:
+        pass
 
 
 def create_app(pipeline: Pipeline, cfg: ServeConfig | None = None, spec: SpeculationConfig | None = None) -> FastAPI:

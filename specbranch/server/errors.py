@@ -48,8 +48,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
                         code="invalid_json")
     first = errors[0]
     param = _loc(tuple(first.get("loc", ())))
-    if first.get("type") == "missing" and param == "":
-        return APIError(400, "the request needs a JSON body", code="invalid_json")
+    if param == "":  # the body as a whole: absent, not an object, or not sent as JSON
+        return APIError(400, "the request body must be a JSON object sent with Content-Type: application/json",
+                        code="invalid_json")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     where = f"'{param}'" if param else "the request body"
     return APIError(400, f"invalid value for {where}: {first.get('msg')}{more}", param=param or None,
