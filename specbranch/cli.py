@@ -1,4 +1,4 @@
-"""`specbranch` command line: generate, models.
+"""`specbranch` command line: generate, serve, models.
 
 Flags are derived from the config dataclasses (:mod:`specbranch.config`), so defaults and help
 texts exist once. User mistakes print one line ``error: ...`` and exit with status 2.
@@ -13,7 +13,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
-from .config import BenchConfig, GenerationConfig, ModelConfig, SamplingConfig, SpeculationConfig, field_specs
+from .config import (
+    BenchConfig, GenerationConfig, ModelConfig, SamplingConfig, ServeConfig, SpeculationConfig, field_specs,
+)
 from .errors import SpecBranchError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,7 +36,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                 type=type(default),
                 default=default,
                 choices=meta.get("choices"),
-                help=help_text + " (default: %(default)s)",
+                help=help_text + ("" if default == "" else " (default: %(default)s)"),  # "" = unset
             )
 
 
@@ -111,6 +113,31 @@ def cmd_roofline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    models = config_from_args(ModelConfig, args)
+    spec = config_from_args(SpeculationConfig, args)
+    cfg = config_from_args(ServeConfig, args)
+    if not cfg.api_key and os.environ.get("SPECBRANCH_API_KEY"):
+        cfg = ServeConfig(**{**cfg.__dict__, "api_key": os.environ["SPECBRANCH_API_KEY"]})
+    try:
+        from .server import build_server
+    except ImportError as e:
+        raise SpecBranchError(f"the server needs the 'serve' extra ({e.name} is missing): "
+                              "pip install 'specbranch[serve]'") from None
+    from .pipeline import Pipeline
+
+    pipe = Pipeline(models, progress=True)
+    server = build_server(pipe, cfg, spec)
+    svc = server.config.app.state.service
+    print(f"[loaded in {pipe.load_time_s:.1f}s: target {models.target}"
+          + (f", draft {models.draft}" if pipe.draft else "") + f", {models.precision}; default engine "
+          f"{svc.default_engine}; model id {svc.model!r}; API key {'required' if cfg.api_key else 'off'}]",
+          file=sys.stderr)
+    print(f"[OpenAI API at http://{cfg.host}:{cfg.port}/v1 ; metrics at /metrics]", file=sys.stderr)
+    server.run()
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import registry
 
@@ -151,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repeats", type=int, default=1, help="passes over the prompts (default: %(default)s)")
     add_config_flags(r, ModelConfig)
     r.set_defaults(func=cmd_roofline)
+
+    s = sub.add_parser("serve", help="serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, "
+                                     "/v1/models, /metrics, /health)")
+    for cls in (ServeConfig, SpeculationConfig, ModelConfig):
+        add_config_flags(s, cls)
+    s.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("models", help="list the default models or prepare (assemble + convert) them")
     m.add_argument("action", nargs="?", choices=["list", "prepare"], default="list",

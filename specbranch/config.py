@@ -179,6 +179,52 @@ class BenchConfig:
                        engines="ar,sd,pearl,specbranch", quick=False)
 
 
+SERVE_ENGINES = ("auto",) + ENGINES
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`specbranch serve`: the HTTP server. Sampling and stopping are per request (OpenAI fields);
+    these are the server-wide settings."""
+
+    host: str = _help("address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)",
+                      default="127.0.0.1")
+    port: int = _help("TCP port to listen on", default=8000)
+    engine: str = _help(
+        "default engine of requests that name none: auto = specbranch when a draft is loaded, else ar",
+        default="auto",
+        choices=SERVE_ENGINES,
+    )
+    model_name: str = _help("model id served at /v1/models and expected in requests (default: the target's name)",
+                            default="")
+    max_queue: int = _help("requests that may wait for the engine besides the one being served; more get HTTP 429",
+                           default=16)
+    default_max_tokens: int = _help("max_tokens of requests that give none (lowered to what fits the context)",
+                                    default=256)
+    max_tokens_limit: int = _help("largest max_tokens a request may ask for", default=4096)
+    api_key: str = _help("require 'Authorization: Bearer KEY' on every endpoint but /health "
+                         "(default: $SPECBRANCH_API_KEY; empty = no key)", default="")
+    log_level: str = _help("uvicorn log level", default="info", choices=LOG_LEVELS)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535 (got {self.port})")
+        if self.engine not in SERVE_ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r}; choose one of {', '.join(SERVE_ENGINES)}")
+        if self.max_queue < 0:
+            raise ConfigError(f"max_queue must be >= 0 (got {self.max_queue}); 0 = serve one request at a time")
+        if self.default_max_tokens < 1 or self.max_tokens_limit < 1:
+            raise ConfigError("default_max_tokens and max_tokens_limit must be >= 1")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"unknown log level {self.log_level!r}; choose one of {', '.join(LOG_LEVELS)}")
+
+    def default_engine(self, has_draft: bool) -> str:
+        if self.engine != "auto":
+            return self.engine
+        return "specbranch" if has_draft else "ar"
+
+
 def field_specs(cls: type) -> list[tuple[str, Any, dict]]:
     """(name, default, metadata) of every field: what the CLI builds its flags from."""
     return [(f.name, f.default, dict(f.metadata)) for f in fields(cls)]

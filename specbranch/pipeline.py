@@ -98,6 +98,11 @@ class Pipeline:
             raise ConfigError(f"engine {name!r} needs a draft model: pass --draft")
         return cls(self.target.backend, self.draft.backend, spec)
 
+    def room(self, prompt_tokens: int) -> int:
+        """How many new tokens fit in the KV cache after a prompt of this length. The 64 spare
+        positions hold what a speculative round drafts beyond the last committed token."""
+        return self.cfg.max_len - 64 - prompt_tokens
+
     def encode(self, prompt: str, chat_template: bool = True) -> list[int]:
         if chat_template:
             prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -113,10 +118,15 @@ class Pipeline:
         sampling: SamplingConfig | None = None,
         on_text: Callable[[str], None] | None = None,
         spec: SpeculationConfig | None = None,
+        on_tokens: Callable[[list[int]], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> GenerationResult:
+        """Generate from a prompt (text, wrapped in the chat template if ``gen.chat_template``) or
+        from token ids (used as they are). ``on_text`` gets text pieces, ``on_tokens`` the committed
+        token ids of each round; ``should_stop`` is polled once per round to abandon generation."""
         gen, sampling = gen or GenerationConfig(), sampling or SamplingConfig()
         ids = self.encode(prompt, gen.chat_template) if isinstance(prompt, str) else list(prompt)
-        if len(ids) + gen.max_new_tokens + 64 > self.cfg.max_len:
+        if gen.max_new_tokens > self.room(len(ids)):
             raise ConfigError(
                 f"prompt ({len(ids)} tokens) + max_new_tokens ({gen.max_new_tokens}) exceed the KV cache "
                 f"({self.cfg.max_len} tokens): shorten the prompt, lower --max-new-tokens or raise --max-len"
@@ -129,4 +139,6 @@ class Pipeline:
             eos_ids=self.tokenizer.eos_token_ids,
             decode=self.tokenizer.decode,
             on_text=on_text,
+            on_tokens=on_tokens,
+            should_stop=should_stop,
         )

@@ -35,7 +35,7 @@ class Engine(ABC):
 class GenerationResult:
     tokens: list[int]  # new tokens, EOS excluded
     text: str  # decoded new text, cut before a stop string
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    finish_reason: str  # "stop" (EOS or stop string), "length", or "cancelled" (should_stop fired)
     metrics: Metrics = field(default_factory=Metrics)
 
 
@@ -112,8 +112,14 @@ def generate(
     decode: Callable[[Sequence[int]], str] | None = None,
     on_text: Callable[[str], None] | None = None,
     on_tokens: Callable[[list[int]], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> GenerationResult:
-    """Run ``engine`` on the prompt ids until a stopping rule fires."""
+    """Run ``engine`` on the prompt ids until a stopping rule fires.
+
+    ``should_stop`` lets a caller abandon the generation (e.g. a server whose client went away):
+    it is checked once per round, the unit of work that cannot be interrupted, and ends the
+    generation with finish_reason "cancelled" and the tokens committed so far.
+    """
     metrics = Metrics(prompt_tokens=len(prompt))
     rng = torch.Generator().manual_seed(sampling.seed)
     stopper = StopChecker(gen.max_new_tokens, eos_ids, gen.stop, decode)
@@ -122,6 +128,9 @@ def generate(
     engine.start(prompt, sampling, rng, metrics)
     metrics.prefill_time_s = time.perf_counter() - t0
     while not stopper.done:
+        if should_stop is not None and should_stop():
+            stopper.finish_reason = "cancelled"
+            break
         kept = stopper.push(engine.step())
         if on_tokens and kept:
             on_tokens(kept)
