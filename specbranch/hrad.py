@@ -1,0 +1,272 @@
+"""H-RAD, the explicit (target-side) half of SpecBranch's hybrid rollback-aware drafting (DESIGN.md §2.3).
+
+A small MLP reads the target's hidden states at the last verified position (the last ``num_layers``
+layers, concatenated) and the target's input embedding of the token just fixed there, and predicts
+how the next pending block will fare:
+
+- class 0 *reject soon*: submit nothing more, branch right away;
+- class 1 *partial*: use the draft-confidence cut τ;
+- class 2 *accept all*: submit the whole block.
+
+Labels come from decoding traces of the pair: the number of the next pending block's tokens the
+target accepted, bucketed by :func:`bucket`. The predictor only decides how much is submitted and
+where the draft branches, never which token is accepted, so it cannot change the output.
+
+Files: ``<name>.safetensors`` (weights plus the feature standardisation, fp16) and ``<name>.json``
+(its :class:`HRADConfig`, including the model pair it was trained for). Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import ConfigError, ModelError
+
+CLASSES = ("reject-soon", "partial", "accept-all")
+SHIPPED = Path(__file__).parent / "data"  # predictors shipped with the package, one per model pair
+
+
+@dataclass(frozen=True)
+class HRADConfig:
+    hidden_size: int  # the target's hidden size H
+    num_layers: int = 4  # last N layers of the target whose hidden states are concatenated
+    gamma: int = 4  # draft length the labels were bucketed for (blocks of gamma - 1 pending tokens)
+    widths: tuple[int, ...] = (128, 64)
+    target: str = ""  # the model pair this predictor was trained on (registry name or folder name)
+    draft: str = ""
+
+    @property
+    def in_features(self) -> int:
+        return (self.num_layers + 1) * self.hidden_size  # N layers + the input embedding
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        """Indices for ``Decoder.forward(hidden_layers=...)``: the outputs of the last N layers."""
+        return tuple(range(-self.num_layers, 0))
+
+
+def bucket(accepted: int, gamma: int) -> int:
+    """Label of a pending block of ``gamma - 1`` tokens of which ``accepted`` passed: none -> 0,
+    all -> 2, some -> 1 (with gamma = 2 the block has one token and class 1 cannot occur)."""
+    block = gamma - 1
+    if not 0 <= accepted <= block:
+        raise ValueError(f"accepted={accepted} outside 0..{block}")
+    return 0 if accepted == 0 else 2 if accepted == block else 1
+
+
+def features(hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """``hidden [N, H]`` (last N layers at one position) + ``embedding [H]`` -> ``[(N+1) * H]``."""
+    return torch.cat([hidden.reshape(-1), embedding.reshape(-1)]).float()
+
+
+class HRADPredictor:
+    """The MLP plus the standardisation of its inputs (hidden states have outlier dimensions
+    orders of magnitude larger than the rest; without it training is dominated by them)."""
+
+    def __init__(self, cfg: HRADConfig, mean: torch.Tensor | None = None, std: torch.Tensor | None = None) -> None:
+        self.cfg = cfg
+        dims = (cfg.in_features, *cfg.widths)
+        layers: list[nn.Module] = []
+        for a, b in zip(dims, dims[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(dims[-1], len(CLASSES)))
+        self.mean = torch.zeros(cfg.in_features) if mean is None else mean.float()
+        self.std = torch.ones(cfg.in_features) if std is None else std.float()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., F]`` raw features -> class logits ``[..., 3]``."""
+        return self.net((x.float() - self.mean) / self.std)
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor) -> int:
+        return int(self.logits(x).argmax(-1))
+
+    # -- files ---------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> tuple[Path, Path]:
+        """Write ``path.safetensors`` and ``path.json``."""
+        path = Path(path).with_suffix("")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"net.{k}": v.detach().half().contiguous() for k, v in self.net.state_dict().items()}
+        tensors.update(mean=self.mean.contiguous(), std=self.std.contiguous())
+        weights, meta = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        save_file(tensors, str(weights))
+        meta.write_text(json.dumps(asdict(self.cfg), indent=1) + "\n")
+        return weights, meta
+
+    @classmethod
+    def load(cls, path: str | Path) -> "HRADPredictor":
+        path = Path(path).with_suffix("")
+        weights, meta = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        if not weights.is_file() or not meta.is_file():
+            raise ModelError(f"H-RAD predictor {path}: need both {weights.name} and {meta.name}")
+        raw = json.loads(meta.read_text())
+        cfg = HRADConfig(**{**raw, "widths": tuple(raw.get("widths", HRADConfig.widths))})
+        tensors = load_file(str(weights))
+        pred = cls(cfg, tensors.pop("mean"), tensors.pop("std"))
+        pred.net.load_state_dict({k.removeprefix("net."): v.float() for k, v in tensors.items()})
+        pred.net.eval()
+        return pred
+
+    def check_pair(self, target: str, draft: str, hidden_size: int) -> None:
+        """Refuse a predictor trained on another model pair: its classes would be noise."""
+        if (self.cfg.target, self.cfg.draft) != (target, draft) or self.cfg.hidden_size != hidden_size:
+            raise ConfigError(
+                f"the H-RAD predictor was trained for target {self.cfg.target!r} + draft {self.cfg.draft!r} "
+                f"(hidden size {self.cfg.hidden_size}), not {target!r} + {draft!r}: train one for this pair with "
+                "`specbranch train-hrad collect` and `fit`, or run without it (--hrad off)"
+            )
+
+
+def shipped_path(target: str, draft: str) -> Path:
+    return SHIPPED / f"hrad-{target}--{draft}"
+
+
+def find_shipped(target: str, draft: str) -> HRADPredictor | None:
+    """The predictor shipped for this pair, if any."""
+    path = shipped_path(target, draft)
+    return HRADPredictor.load(path) if path.with_suffix(".json").is_file() else None
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class FitReport:
+    accuracy: float
+    balanced_accuracy: float
+    precision: list[float]
+    recall: list[float]
+    confusion: list[list[int]]  # [true class][predicted class] on the held-out split
+    train_size: int
+    val_size: int
+    class_counts: list[int]  # over the whole trace set
+    epochs: int
+    history: list[dict] = field(default_factory=list)
+
+    def text(self) -> str:
+        lines = [
+            f"held-out accuracy {self.accuracy:.1%} (balanced {self.balanced_accuracy:.1%}) on {self.val_size} rounds; "
+            f"trained on {self.train_size} rounds for {self.epochs} epochs; class counts "
+            + ", ".join(f"{c} {n}" for c, n in zip(CLASSES, self.class_counts)),
+            f"{'':>12s} " + " ".join(f"{c:>12s}" for c in CLASSES) + "   recall",
+        ]
+        for i, c in enumerate(CLASSES):
+            row = " ".join(f"{n:12d}" for n in self.confusion[i])
+            lines.append(f"{c:>12s} {row}   {self.recall[i]:.1%}")
+        lines.append(f"{'precision':>12s} " + " ".join(f"{p:12.1%}" for p in self.precision))
+        return "\n".join(lines)
+
+
+def evaluate(pred: HRADPredictor, x: torch.Tensor, y: torch.Tensor) -> tuple[list[list[int]], float]:
+    with torch.inference_mode():
+        guess = pred.logits(x).argmax(-1)
+    k = len(CLASSES)
+    conf = torch.zeros(k, k, dtype=torch.long)
+    conf.index_put_((y, guess), torch.ones_like(y), accumulate=True)
+    acc = float((guess == y).float().mean()) if len(y) else 0.0
+    return conf.tolist(), acc
+
+
+def fit(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: HRADConfig,
+    *,
+    val_fraction: float = 0.2,
+    epochs: int = 200,
+    patience: int = 15,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[HRADPredictor, FitReport]:
+    """Train on features ``x [n, F]`` and labels ``y [n]``: class-balanced cross-entropy, a held-out
+    split, early stopping on the held-out balanced loss (the best epoch's weights are kept)."""
+    from tqdm import tqdm
+
+    if x.ndim != 2 or x.shape[1] != cfg.in_features or len(x) != len(y):
+        raise ConfigError(f"traces have features {tuple(x.shape)} / labels {tuple(y.shape)}; "
+                          f"expected [n, {cfg.in_features}] and [n]")
+    if len(y) < 20:
+        raise ConfigError(f"only {len(y)} traced rounds: collect more prompts before training")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=g)
+    n_val = max(1, int(len(y) * val_fraction))
+    val, train = order[:n_val], order[n_val:]
+    x, y = x.float(), y.long()
+    counts = torch.bincount(y, minlength=len(CLASSES))
+    weight = counts.sum() / (len(CLASSES) * counts.clamp_min(1)).float()  # class-balanced
+    weight[counts == 0] = 0.0
+    mean = x[train].mean(0)
+    std = x[train].std(0).clamp_min(1e-3)
+    pred = HRADPredictor(cfg, mean, std)
+    opt = torch.optim.AdamW(pred.net.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    best, best_state, stale, history = math.inf, None, 0, []
+    bar = tqdm(range(epochs), desc="train H-RAD", disable=not progress)
+    for epoch in bar:
+        pred.net.train()
+        perm = train[torch.randperm(len(train), generator=g)]
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i : i + batch_size]
+            opt.zero_grad()
+            loss = loss_fn(pred.logits(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+        pred.net.eval()
+        with torch.no_grad():
+            val_loss = float(loss_fn(pred.logits(x[val]), y[val]))
+        history.append({"epoch": epoch, "val_loss": val_loss})
+        bar.set_postfix(val_loss=f"{val_loss:.3f}")
+        if val_loss < best - 1e-4:
+            best, stale = val_loss, 0
+            best_state = {k: v.clone() for k, v in pred.net.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= patience:
+                break
+    bar.close()
+    pred.net.load_state_dict(best_state)
+    pred.net.eval()
+    conf, acc = evaluate(pred, x[val], y[val])
+    k = len(CLASSES)
+    recall = [conf[i][i] / max(1, sum(conf[i])) for i in range(k)]
+    precision = [conf[i][i] / max(1, sum(conf[j][i] for j in range(k))) for i in range(k)]
+    present = [i for i in range(k) if sum(conf[i])]
+    balanced = sum(recall[i] for i in present) / max(1, len(present))
+    report = FitReport(acc, balanced, precision, recall, conf, len(train), n_val, counts.tolist(), len(history), history)
+    return pred, report
+
+
+# ---------------------------------------------------------------- traces on disk
+
+
+def save_traces(folder: str | Path, x: torch.Tensor, y: torch.Tensor, meta: dict, shard: int = 0) -> Path:
+    """One shard ``traces-NNNNN.safetensors`` (``features`` fp16 ``[n, F]``, ``labels`` int64 ``[n]``)
+    and ``meta.json`` (the HRADConfig fields plus how the traces were made)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"traces-{shard:05d}.safetensors"
+    save_file({"features": x.half().contiguous(), "labels": y.long().contiguous()}, str(path))
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return path
+
+
+def load_traces(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    folder = Path(folder)
+    shards = sorted(folder.glob("traces-*.safetensors"))
+    if not shards or not (folder / "meta.json").is_file():
+        raise ConfigError(f"{folder} holds no H-RAD traces (traces-*.safetensors + meta.json): "
+                          "run `specbranch train-hrad collect` first")
+    parts = [load_file(str(s)) for s in shards]
+    x = torch.cat([p["features"] for p in parts]).float()
+    y = torch.cat([p["labels"] for p in parts])
+    return x, y, json.loads((folder / "meta.json").read_text())
