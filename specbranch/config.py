@@ -56,6 +56,11 @@ class ModelConfig:
     )
     backend: str = _help("native (fast, branchable KV cache) or hf (transformers reference)", default="native", choices=BACKENDS)
     max_len: int = _help("KV cache capacity in tokens (prompt + generated)", default=4096)
+    draft_vocab: int = _help(
+        "draft LM head restricted to the N lowest token ids (BPE merge order, i.e. the most frequent) plus "
+        "special tokens; the target still verifies over the full vocabulary, so output is unchanged (0 = full)",
+        default=0,
+    )
     threads: int = _help("CPU threads for torch (0 = all cores)", default=0)
 
     def __post_init__(self) -> None:
@@ -65,6 +70,8 @@ class ModelConfig:
             raise ConfigError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.max_len < 16:
             raise ConfigError(f"max_len must be >= 16 (got {self.max_len})")
+        if self.draft_vocab < 0:
+            raise ConfigError(f"draft_vocab must be >= 0 (got {self.draft_vocab}); 0 keeps the full vocabulary")
         if self.threads < 0:
             raise ConfigError(f"threads must be >= 0 (got {self.threads})")
 

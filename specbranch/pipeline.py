@@ -20,6 +20,7 @@ from .backend import Backend, NativeBackend
 from .config import GenerationConfig, ModelConfig, SamplingConfig, SpeculationConfig
 from .engines import ENGINE_CLASSES, Engine, GenerationResult, generate
 from .errors import ConfigError, ModelError
+from .models.linear import subset_head
 from .models.tokenizer import Tokenizer
 
 
@@ -39,7 +40,9 @@ def resolve(spec: str, progress: bool = True) -> Path:
     return resolve_model(spec, progress=progress)
 
 
-def load_model(spec: str, cfg: ModelConfig, progress: bool = True) -> LoadedModel:
+def load_model(spec: str, cfg: ModelConfig, progress: bool = True, vocab_subset: int = 0) -> LoadedModel:
+    """Load one model; ``vocab_subset > 0`` restricts its LM head to that many of the most frequent
+    tokens plus the special ones (for the draft only: see :class:`~.models.linear.VocabSubsetHead`)."""
     folder = resolve(spec, progress)
     t0 = time.perf_counter()
     tokenizer = Tokenizer(folder)
@@ -53,7 +56,11 @@ def load_model(spec: str, cfg: ModelConfig, progress: bool = True) -> LoadedMode
     else:
         from .models.loader import load_decoder
 
-        backend = NativeBackend(load_decoder(folder, cfg.precision), max_len=cfg.max_len)
+        decoder = load_decoder(folder, cfg.precision)
+        if 0 < vocab_subset < decoder.cfg.vocab_size:
+            ids = torch.tensor(sorted(set(range(vocab_subset)) | set(tokenizer.special_ids)))
+            decoder.lm_head = subset_head(decoder.lm_head, ids[ids < decoder.cfg.vocab_size], decoder.cfg.vocab_size)
+        backend = NativeBackend(decoder, max_len=cfg.max_len)
     return LoadedModel(spec, folder, backend, tokenizer, time.perf_counter() - t0)
 
 
@@ -79,7 +86,7 @@ class Pipeline:
         self.cfg = models or ModelConfig()
         torch.set_num_threads(self.cfg.threads or os.cpu_count() or 1)
         self.target = load_model(self.cfg.target, self.cfg, progress)
-        self.draft = load_model(self.cfg.draft, self.cfg, progress) if self.cfg.has_draft else None
+        self.draft = load_model(self.cfg.draft, self.cfg, progress, self.cfg.draft_vocab) if self.cfg.has_draft else None
         if self.draft is not None:
             check_compatible(self.target, self.draft)
         self.tokenizer = self.target.tokenizer

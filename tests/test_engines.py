@@ -192,3 +192,27 @@ def test_chi_square_catches_the_reference_branch_rule(sampling_pair, monkeypatch
     counts = sample_engine(engine, [1, 3], sampling, DRAWS)
     with pytest.raises(AssertionError):
         assert_matches(counts, target_law(target_model, [1, 3], sampling), DRAWS)
+
+
+def with_subset_head(backend: NativeBackend, n: int) -> NativeBackend:
+    from specbranch.models.linear import subset_head
+
+    dec = backend.decoder
+    dec.lm_head = subset_head(dec.lm_head, torch.arange(n), dec.cfg.vocab_size)
+    return backend
+
+
+def test_reduced_vocabulary_draft_stays_lossless(greedy_pair, sampling_pair):
+    """A draft that can only propose part of the vocabulary (the CPU speed lever) changes nothing:
+    greedy output equals ar, and sampled output (rule C: q is zero outside the subset) keeps the law."""
+    target_model, draft_model = greedy_pair
+    want = run(AREngine(native(target_model)), [3, 1, 4], 30).tokens
+    draft = with_subset_head(native(draft_model), 40)
+    engine = ENGINE_CLASSES["specbranch"](native(target_model), draft, SpeculationConfig(3, 3, 0.2))
+    got = run(engine, [3, 1, 4], 30)
+    assert got.tokens == want and any(t >= 40 for t in want)  # the target used tokens the draft cannot
+    target_model, draft_model = sampling_pair
+    sampling = SamplingConfig(temperature=1.0)
+    engine = ENGINE_CLASSES["sd"](native(target_model), with_subset_head(native(draft_model), 3), SpeculationConfig(2))
+    counts = sample_engine(engine, [1, 3], sampling, 5000)
+    assert_matches(counts, target_law(target_model, [1, 3], sampling), 5000)

@@ -30,3 +30,22 @@ def test_int8_linear_is_accurate_and_keeps_shape():
 def test_dense_linear_returns_the_input_dtype(precision, dtype):
     lin = make_linear(torch.randn(8, 4), None, precision)
     assert lin(torch.randn(3, 4, dtype=dtype)).dtype == dtype
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_vocab_subset_head_keeps_rows_and_masks_the_rest(precision):
+    from specbranch.models.linear import make_linear, subset_head
+
+    torch.manual_seed(0)
+    weight = torch.randn(50, 16)
+    head = make_linear(weight, None, precision)
+    ids = torch.tensor([7, 0, 3, 49, 3])  # unsorted, with a repeat
+    sub = subset_head(head, ids, 50)
+    x = torch.randn(2, 3, 16)
+    full, got = head(x), sub(x)  # [2, 3, 50] each
+    keep = torch.tensor([0, 3, 7, 49])
+    assert got.shape == full.shape
+    assert torch.allclose(got[..., keep], full[..., keep], atol=1e-5)
+    rest = torch.ones(50, dtype=torch.bool)
+    rest[keep] = False
+    assert torch.isinf(got[..., rest]).all() and (got[..., rest] < 0).all()

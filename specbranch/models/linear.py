@@ -92,3 +92,36 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str)
 def activation_dtype(precision: str) -> torch.dtype:
     """Residual stream / KV cache dtype: fp64 only for exactness tests, fp32 otherwise."""
     return torch.float64 if precision == "fp64" else torch.float32
+
+
+class VocabSubsetHead:
+    """An LM head over a subset of the vocabulary, returning full-vocabulary logits with ``-inf``
+    outside the subset.
+
+    Why: the draft's LM head over 151,936 tokens is about a quarter of a 0.5B draft's weight bytes,
+    and decoding is memory-bound. A draft that only ever proposes frequent tokens reads far less per
+    step. This is lossless: the draft may propose anything, the target still verifies over the full
+    vocabulary, and under rule C ``q`` is simply zero outside the subset (tokens are drawn from ``q``).
+    """
+
+    def __init__(self, inner, ids: torch.Tensor, vocab_size: int) -> None:
+        self.inner = inner  # a linear over the subset rows: [.., H] -> [.., len(ids)]
+        self.ids = ids.long()
+        self.out_features = vocab_size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        sub = self.inner(x)  # [..., n]
+        full = sub.new_full((*sub.shape[:-1], self.out_features), float("-inf"))  # [..., V]
+        return full.index_copy_(-1, self.ids.to(sub.device), sub)
+
+
+def subset_head(head, ids: torch.Tensor, vocab_size: int) -> VocabSubsetHead:
+    """Restrict an existing head (int8 or dense) to the rows ``ids``, reusing its weights."""
+    ids = torch.unique(ids.long())  # sorted, no repeats
+    if isinstance(head, Int8Linear):
+        inner = Int8Linear(head.qweight[ids].contiguous(), head.scale[ids].contiguous(),
+                           None if head.bias is None else head.bias[ids])
+        inner.pack()
+    else:
+        inner = DenseLinear(head.weight[ids], None if head.bias is None else head.bias[ids], head.weight.dtype)
+    return VocabSubsetHead(inner, ids, vocab_size)

@@ -32,6 +32,11 @@ class Tokenizer:
         self.eos_token_ids = self._eos_ids(folder)
 
     @property
+    def special_ids(self) -> list[int]:
+        """Ids of the added/special tokens (chat markers, EOS, ...)."""
+        return sorted(set(self._tok.get_added_tokens_decoder()) | set(self.eos_token_ids))
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
