@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import assert_matches, make_tiny_hf
+from conftest import assert_matches, make_tiny_hf, perturbed
 
 from specbranch.backend import NativeBackend
 from specbranch.backend_hf import HFBackend
@@ -25,19 +25,6 @@ SPECULATIVE = ("sd", "pearl", "specbranch")
 def native(model, precision="fp64") -> NativeBackend:
     cfg = DecoderConfig.from_hf(model.config.to_dict())
     return NativeBackend(Decoder(cfg, model.state_dict(), precision), max_len=512)
-
-
-def perturbed(model, seed: int, scale: float):
-    """A copy of ``model`` with noise on every matrix: a draft that mostly agrees with its target."""
-    import copy
-
-    draft = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            if p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale * p.std())
-    return draft
 
 
 @pytest.fixture(scope="module")
