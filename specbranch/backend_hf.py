@@ -39,7 +39,8 @@ class HFBackend:
         rows, t = tokens.shape
         if rows != self._rows:
             raise ValueError(f"forward got {rows} rows but the cache expects {self._rows}")
-        positions = torch.arange(self._length, self._length + t).expand(rows, t)
+        tokens = tokens.to(self.model.device)
+        positions = torch.arange(self._length, self._length + t, device=tokens.device).expand(rows, t)
         out = self.model(
             input_ids=tokens,
             position_ids=positions,
