@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Sequence
 
-from .config import GenerationConfig, ModelConfig, SamplingConfig, SpeculationConfig, field_specs
+from .config import GenerationConfig, ModelConfig, RuntimeConfig, SamplingConfig, SpeculationConfig, field_specs
 from .errors import SpecBranchError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,25 +63,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     gen = config_from_args(GenerationConfig, args)
     sampling = config_from_args(SamplingConfig, args)
     spec = config_from_args(SpeculationConfig, args)
+    runtime = config_from_args(RuntimeConfig, args)
     prompt = read_prompt(args)
     if not prompt.strip():
         raise SpecBranchError("the prompt is empty: pass some text")
     if gen.engine == "ar" and models.has_draft and args.draft == ModelConfig.draft:
         models = ModelConfig(**{**models.__dict__, "draft": "none"})  # ar never reads the default draft
+    if gen.engine not in ("pearl", "specbranch"):  # only these two have a parallel form
+        runtime = replace(runtime, runtime="sequential")
 
     from .pipeline import Pipeline
 
-    pipe = Pipeline(models, progress=not args.quiet)
-    err = sys.stderr
-    if not args.quiet:
-        print(f"[loaded in {pipe.load_time_s:.1f}s: target {models.target}"
-              + (f", draft {models.draft}" if pipe.draft else "") + f", {models.precision}]", file=err)
+    with Pipeline(models, progress=not args.quiet, runtime=runtime) as pipe:
+        err = sys.stderr
+        if not args.quiet:
+            print(f"[loaded in {pipe.load_time_s:.1f}s: target {models.target}"
+                  + (f", draft {models.draft}" if pipe.draft else "") + f", {models.precision}, "
+                  f"{runtime.runtime} runtime]", file=err)
 
-    def show(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        def show(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
 
-    result = pipe.generate(prompt, gen, sampling, on_text=show, spec=spec)
+        result = pipe.generate(prompt, gen, sampling, on_text=show, spec=spec)
     sys.stdout.write("\n")
     print(f"[{gen.engine}] {result.metrics.line()} | finish: {result.finish_reason}", file=err)
     return 0
@@ -110,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", help="the prompt text; '-' or omitted reads standard input")
     g.add_argument("-f", "--file", help="read the prompt from this file")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or load message")
-    for cls in (GenerationConfig, SamplingConfig, SpeculationConfig, ModelConfig):
+    for cls in (GenerationConfig, SamplingConfig, SpeculationConfig, ModelConfig, RuntimeConfig):
         add_config_flags(g, cls)
     g.set_defaults(func=cmd_generate)
 

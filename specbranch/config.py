@@ -17,6 +17,8 @@ DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 ENGINES = ("ar", "sd", "pearl", "specbranch")
 DRAFT_SAMPLING = ("sample", "greedy")
 BACKENDS = ("native", "hf")
+RUNTIMES = ("sequential", "parallel")
+ON_WORKER_FAILURE = ("error", "ar")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -30,7 +32,8 @@ class SamplingConfig:
     temperature: float = _help("sampling temperature; 0 = greedy (exactly the target's argmax tokens)", default=0.0)
     top_k: int = _help("keep only the k most likely tokens (0 = off); applied to target and draft alike", default=0)
     top_p: float = _help("nucleus sampling mass in (0, 1] (1 = off); applied to target and draft alike", default=1.0)
-    seed: int = _help("seed of the one random generator used for sampling and verification", default=0)
+    seed: int = _help("random seed: the verification stream is seeded with it and the draft stream with a "
+                      "hash of it (see specbranch.sampling.draft_generator)", default=0)
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -114,6 +117,77 @@ class SpeculationConfig:
             raise ConfigError(f"tau must be in [0, 1) (got {self.tau}); use 0 to never cut blocks")
         if self.draft_sampling not in DRAFT_SAMPLING:
             raise ConfigError(f"draft_sampling must be one of {', '.join(DRAFT_SAMPLING)} (got {self.draft_sampling!r})")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where the draft and the target run (DESIGN.md §3, runtime). None of these change the output:
+    the parallel runtime gives the same tokens as the sequential one, seed for seed."""
+
+    runtime: str = _help(
+        "sequential: draft and target take turns in this process; parallel: the draft runs in its own "
+        "worker process, concurrently with the target (engines pearl and specbranch; ar and sd always "
+        "run in this process)",
+        default="sequential",
+        choices=RUNTIMES,
+    )
+    target_device: str = _help("device of the target model: cpu, cuda or cuda:N", default="cpu")
+    draft_device: str = _help("device of the draft model: cpu, cuda or cuda:N", default="cpu")
+    target_cores: str = _help(
+        "parallel runtime: CPU cores the target worker is pinned to, e.g. '0' or '0-3,8' "
+        "(empty = the first half of the cores this process may use)",
+        default="",
+    )
+    draft_cores: str = _help(
+        "parallel runtime: CPU cores the draft worker is pinned to (empty = the other half)", default=""
+    )
+    target_threads: int = _help("parallel runtime: torch threads of the target worker (0 = one per pinned core)", default=0)
+    draft_threads: int = _help("parallel runtime: torch threads of the draft worker (0 = one per pinned core)", default=0)
+    worker_timeout: float = _help(
+        "parallel runtime: seconds to wait for the draft worker at a meeting point before declaring it hung "
+        "(model loading at start-up is waited for while the worker lives, up to 10 minutes)",
+        default=120.0,
+    )
+    on_worker_failure: str = _help(
+        "parallel runtime: when the draft worker dies or hangs, 'error' raises, 'ar' finishes the generation "
+        "with plain decoding on the target and a warning",
+        default="error",
+        choices=ON_WORKER_FAILURE,
+    )
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"unknown runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        for name in ("target_device", "draft_device"):
+            dev = getattr(self, name)
+            kind, _, index = dev.partition(":")
+            if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+                raise ConfigError(f"{name} must be cpu, cuda or cuda:N (got {dev!r})")
+        for name in ("target_cores", "draft_cores"):
+            parse_cores(getattr(self, name), name)
+        for name in ("target_threads", "draft_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (got {getattr(self, name)}); use 0 for one per pinned core")
+        if not self.worker_timeout > 0:
+            raise ConfigError(f"worker_timeout must be > 0 seconds (got {self.worker_timeout})")
+        if self.on_worker_failure not in ON_WORKER_FAILURE:
+            raise ConfigError(f"on_worker_failure must be one of {', '.join(ON_WORKER_FAILURE)} "
+                              f"(got {self.on_worker_failure!r})")
+
+    @property
+    def parallel(self) -> bool:
+        return self.runtime == "parallel"
+
+
+def parse_cores(spec: str, name: str = "cores") -> list[int]:
+    """``"0-3,8"`` -> ``[0, 1, 2, 3, 8]``; ``""`` -> ``[]`` (automatic)."""
+    cores: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()) or (sep and int(hi) < int(lo)):
+            raise ConfigError(f"{name}: {part!r} is not a core number or range (write e.g. '0' or '0-3,8')")
+        cores.update(range(int(lo), int(hi if sep else lo) + 1))
+    return sorted(cores)
 
 
 def field_specs(cls: type) -> list[tuple[str, Any, dict]]:
