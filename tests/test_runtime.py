@@ -101,6 +101,8 @@ def test_parallel_equals_sequential_at_temperature_zero(sequential, parallel):
                 accepted += m.num_accepted_tokens
     assert hits > 0 and accepted > 0  # branches were taken and drafts accepted: the protocol was exercised
     assert parallel.worker.pid == worker and parallel.worker.starts == 1  # one worker served them all
+    # sd has no parallel form: it runs here, loading the draft in this process on first use
+    assert gen(parallel, PROMPTS[0], 30, "sd").tokens == gen(sequential, PROMPTS[0], 30, "ar").tokens
 
 
 @pytest.mark.parametrize("draft_sampling", ["sample", "greedy"])  # rules C and B
@@ -222,3 +224,27 @@ def test_cli_parallel_runtime_prints_the_same_text(close_pair):
     seq, par = run(), run("--runtime", "parallel", "-q")
     assert par.stdout == seq.stdout and par.stdout.strip()
     assert "idle target" in par.stderr and "16 tokens" in par.stderr
+
+
+ORPHAN_SCRIPT = """
+import os, signal, sys
+from specbranch.config import ModelConfig, RuntimeConfig
+from specbranch.pipeline import Pipeline
+pipe = Pipeline(ModelConfig(target=sys.argv[1], draft=sys.argv[2], precision="fp64", threads=1), progress=False,
+                runtime=RuntimeConfig(runtime="parallel"))
+print(pipe.worker.pid, flush=True)
+if sys.argv[3] == "killed":
+    os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no finalizer: the worker must notice by itself
+"""
+
+
+@pytest.mark.parametrize("how", ["exits", "killed"])
+def test_worker_never_outlives_its_parent(close_pair, how):
+    r = subprocess.run([sys.executable, "-c", ORPHAN_SCRIPT, close_pair.target, close_pair.draft, how],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == (0 if how == "exits" else -signal.SIGKILL), r.stderr
+    worker = int(r.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while not gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gone(worker)
