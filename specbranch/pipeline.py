@@ -24,7 +24,7 @@ import torch
 from .backend import Backend, NativeBackend
 from .config import GenerationConfig, ModelConfig, RuntimeConfig, SamplingConfig, SpeculationConfig
 from .engines import ENGINE_CLASSES, Engine, GenerationResult, generate
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, SpecBranchError
 from .models.tokenizer import Tokenizer
 
 
@@ -112,6 +112,7 @@ class Pipeline:
         self.runtime = runtime or RuntimeConfig()
         torch.set_num_threads(self.cfg.threads or os.cpu_count() or 1)
         self.worker = None
+        self.closed = False
         self._close = lambda: None
         t0 = time.perf_counter()
         try:
@@ -146,7 +147,8 @@ class Pipeline:
         self._close = weakref.finalize(self, self.worker.close)
 
     def close(self) -> None:
-        """Stop the draft worker process, if any (idempotent). In-process models stay usable."""
+        """Stop the draft worker process, if any (idempotent). In-process engines stay usable."""
+        self.closed = True
         self._close()
 
     def __enter__(self) -> "Pipeline":
@@ -172,6 +174,8 @@ class Pipeline:
         if self.worker is not None and name in ("pearl", "specbranch"):
             from .runtime.parallel import ParallelEngine
 
+            if self.closed:
+                raise SpecBranchError("this Pipeline was closed (its draft worker is stopped): create a new one")
             return ParallelEngine(name, self.target.backend, self.worker, self.runtime, self.target_placement, spec)
         return cls(self.target.backend, self.draft.backend, spec)
 

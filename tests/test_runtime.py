@@ -20,7 +20,7 @@ import torch
 from conftest import make_tiny_hf, perturbed, write_tiny_tokenizer
 
 from specbranch.config import GenerationConfig, ModelConfig, RuntimeConfig, SamplingConfig, SpeculationConfig
-from specbranch.errors import ConfigError, WorkerDiedError, WorkerTimeoutError
+from specbranch.errors import ConfigError, SpecBranchError, WorkerDiedError, WorkerTimeoutError
 from specbranch.pipeline import Pipeline
 from specbranch.runtime.placement import worker_placements
 
@@ -189,6 +189,9 @@ def test_killed_worker_raises_then_restarts(close_pair, sequential):
         assert pipe.worker.starts == 2 and pipe.worker.pid != fired[0]
         worker = pipe.worker.pid
     assert gone(worker) and worker not in children()  # close() shut the worker down
+    with pytest.raises(SpecBranchError, match="closed"):
+        gen(pipe, [3, 1, 4], 4, "specbranch")
+    assert gen(pipe, [3, 1, 4], 4, "ar").tokens == want[:4]  # in-process engines still work
 
 
 def test_killed_worker_falls_back_to_ar(close_pair, sequential):
