@@ -34,6 +34,9 @@ class Backend(Protocol):
 
     def fork(self, k: int) -> None: ...
 
+    def embed(self, token: int) -> torch.Tensor:
+        """The model's input embedding of ``token`` ``[H]`` (an H-RAD feature)."""
+
     def select(self, b: int) -> None: ...
 
 
@@ -68,6 +71,9 @@ class NativeBackend:
 
     def truncate(self, length: int) -> None:
         self.cache.truncate(length)
+
+    def embed(self, token: int) -> torch.Tensor:
+        return self.decoder.embed[token]
 
     def fork(self, k: int) -> None:
         self.cache.fork(k)

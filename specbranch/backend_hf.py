@@ -35,11 +35,16 @@ class HFBackend:
         return [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None]
 
     @torch.inference_mode()
+    def embed(self, token: int) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight[token]
+
+    @torch.inference_mode()
     def forward(self, tokens, hidden_layers=(), last_only=False) -> ForwardOutput:
         rows, t = tokens.shape
         if rows != self._rows:
             raise ValueError(f"forward got {rows} rows but the cache expects {self._rows}")
-        positions = torch.arange(self._length, self._length + t).expand(rows, t)
+        tokens = tokens.to(self.model.device)
+        positions = torch.arange(self._length, self._length + t, device=tokens.device).expand(rows, t)
         out = self.model(
             input_ids=tokens,
             position_ids=positions,

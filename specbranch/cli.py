@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Sequence
 
 from .config import (
-    BenchConfig, GenerationConfig, ModelConfig, SamplingConfig, ServeConfig, SpeculationConfig, field_specs,
+    BenchConfig, GenerationConfig, ModelConfig, RuntimeConfig, SamplingConfig, ServeConfig, SpeculationConfig,
+    field_specs,
 )
 from .errors import SpecBranchError
 
@@ -65,25 +66,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     gen = config_from_args(GenerationConfig, args)
     sampling = config_from_args(SamplingConfig, args)
     spec = config_from_args(SpeculationConfig, args)
+    runtime = config_from_args(RuntimeConfig, args)
     prompt = read_prompt(args)
     if not prompt.strip():
         raise SpecBranchError("the prompt is empty: pass some text")
     if gen.engine == "ar" and models.has_draft and args.draft == ModelConfig.draft:
         models = ModelConfig(**{**models.__dict__, "draft": "none"})  # ar never reads the default draft
+    if gen.engine not in ("pearl", "specbranch"):  # only these two have a parallel form
+        runtime = replace(runtime, runtime="sequential")
 
     from .pipeline import Pipeline
 
-    pipe = Pipeline(models, progress=not args.quiet)
-    err = sys.stderr
-    if not args.quiet:
-        print(f"[loaded in {pipe.load_time_s:.1f}s: target {models.target}"
-              + (f", draft {models.draft}" if pipe.draft else "") + f", {models.precision}]", file=err)
+    with Pipeline(models, progress=not args.quiet, runtime=runtime) as pipe:
+        err = sys.stderr
+        if not args.quiet:
+            print(f"[loaded in {pipe.load_time_s:.1f}s: target {models.target}"
+                  + (f", draft {models.draft}" if pipe.draft else "") + f", {models.precision}, "
+                  f"{runtime.runtime} runtime]", file=err)
 
-    def show(piece: str) -> None:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
+        def show(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
 
-    result = pipe.generate(prompt, gen, sampling, on_text=show, spec=spec)
+        result = pipe.generate(prompt, gen, sampling, on_text=show, spec=spec)
     sys.stdout.write("\n")
     print(f"[{gen.engine}] {result.metrics.line()} | finish: {result.finish_reason}", file=err)
     return 0
@@ -96,7 +101,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench = config_from_args(BenchConfig, args)
     result = run_bench(
         config_from_args(ModelConfig, args), bench, config_from_args(SamplingConfig, args),
-        config_from_args(SpeculationConfig, args), progress=not args.quiet,
+        config_from_args(SpeculationConfig, args), config_from_args(RuntimeConfig, args), progress=not args.quiet,
     )
     md, plot_paths = write_report(result, Path(bench.out))
     print(md)
@@ -126,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               "pip install 'specbranch[serve]'") from None
     from .pipeline import Pipeline
 
-    pipe = Pipeline(models, progress=True)
+    pipe = Pipeline(models, progress=True, runtime=config_from_args(RuntimeConfig, args))
     server = build_server(pipe, cfg, spec)
     svc = server.config.app.state.service
     print(f"[loaded in {pipe.load_time_s:.1f}s: target {models.target}"
@@ -136,6 +141,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"[OpenAI API at http://{cfg.host}:{cfg.port}/v1 ; metrics at /metrics]", file=sys.stderr)
     server.run()
     return 0
+
+
+def cmd_train_hrad(args: argparse.Namespace) -> int:
+    from .train_hrad import main as train_main
+
+    return train_main(args)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -161,14 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", help="the prompt text; '-' or omitted reads standard input")
     g.add_argument("-f", "--file", help="read the prompt from this file")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or load message")
-    for cls in (GenerationConfig, SamplingConfig, SpeculationConfig, ModelConfig):
+    for cls in (GenerationConfig, SamplingConfig, SpeculationConfig, ModelConfig, RuntimeConfig):
         add_config_flags(g, cls)
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="compare engines on HumanEval / GSM8K / MT-bench prompts: speed, "
                        "acceptance, losslessness and pass@1, as JSON, Markdown and plots")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    for cls in (BenchConfig, SamplingConfig, SpeculationConfig, ModelConfig):
+    for cls in (BenchConfig, SamplingConfig, SpeculationConfig, ModelConfig, RuntimeConfig):
         add_config_flags(b, cls)
     b.set_defaults(func=cmd_bench)
 
@@ -181,9 +192,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve an OpenAI-compatible API (/v1/completions, /v1/chat/completions, "
                                      "/v1/models, /metrics, /health)")
-    for cls in (ServeConfig, SpeculationConfig, ModelConfig):
+    for cls in (ServeConfig, SpeculationConfig, ModelConfig, RuntimeConfig):
         add_config_flags(s, cls)
     s.set_defaults(func=cmd_serve)
+
+    h = sub.add_parser("train-hrad", help="collect decoding traces of a model pair and train its H-RAD predictor")
+    hs = h.add_subparsers(dest="action", required=True)
+    c = hs.add_parser("collect", help="run the pair over prompts and record target features + acceptance labels")
+    c.add_argument("--prompts", default="", help="comma-separated JSONL prompt files (default: the coding prompts "
+                   "shipped for this; never HumanEval, an evaluation set)")
+    c.add_argument("--num-prompts", type=int, default=40, help="prompts per file (default: %(default)s)")
+    c.add_argument("--skip", type=int, default=0, help="skip the first N prompts of each file, e.g. the ones the "
+                   "benchmark evaluates on (default: %(default)s)")
+    c.add_argument("--max-new-tokens", type=int, default=128, help="tokens per generation (default: %(default)s)")
+    c.add_argument("--layers", type=int, default=4, help="last N target layers whose hidden states are features "
+                   "(default: %(default)s)")
+    c.add_argument("--out", default="traces/hrad", help="trace folder (default: %(default)s)")
+    for name in ("gamma", "branches", "tau"):
+        spec_field = next(f for f in fields(SpeculationConfig) if f.name == name)
+        c.add_argument("--" + name, type=type(spec_field.default), default=spec_field.default,
+                       help=spec_field.metadata["help"] + " (default: %(default)s)")
+    for name in ("target", "draft", "precision"):
+        model_field = next(f for f in fields(ModelConfig) if f.name == name)
+        c.add_argument("--" + name, default=model_field.default, help=model_field.metadata["help"] + " (default: %(default)s)")
+    c.set_defaults(func=cmd_train_hrad)
+    f = hs.add_parser("fit", help="train the predictor on collected traces and save it (safetensors + JSON)")
+    f.add_argument("--traces", default="traces/hrad", help="trace folder from `collect` (default: %(default)s)")
+    f.add_argument("--out", default="", help="predictor path without suffix (default: the file shipped for the "
+                   "pair inside the package, loaded automatically for it)")
+    f.add_argument("--epochs", type=int, default=200, help="most epochs; early stopping usually ends sooner "
+                   "(default: %(default)s)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the split and the initialisation (default: %(default)s)")
+    f.set_defaults(func=cmd_train_hrad)
 
     m = sub.add_parser("models", help="list the default models or prepare (assemble + convert) them")
     m.add_argument("action", nargs="?", choices=["list", "prepare"], default="list",

@@ -11,12 +11,15 @@ from typing import Any
 
 from .errors import ConfigError
 from .models.linear import PRECISIONS
+from .policy import DRAFTING
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 ENGINES = ("ar", "sd", "pearl", "specbranch")
 DRAFT_SAMPLING = ("sample", "greedy")
 BACKENDS = ("native", "hf")
+RUNTIMES = ("sequential", "parallel")
+ON_WORKER_FAILURE = ("error", "ar")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -30,7 +33,8 @@ class SamplingConfig:
     temperature: float = _help("sampling temperature; 0 = greedy (exactly the target's argmax tokens)", default=0.0)
     top_k: int = _help("keep only the k most likely tokens (0 = off); applied to target and draft alike", default=0)
     top_p: float = _help("nucleus sampling mass in (0, 1] (1 = off); applied to target and draft alike", default=1.0)
-    seed: int = _help("seed of the one random generator used for sampling and verification", default=0)
+    seed: int = _help("random seed: the verification stream is seeded with it and the draft stream with a "
+                      "hash of it (see specbranch.sampling.draft_generator)", default=0)
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
@@ -112,7 +116,22 @@ class SpeculationConfig:
         choices=DRAFT_SAMPLING,
     )
 
+    drafting: str = _help(
+        "specbranch: who ends a drafted block. confidence: the draft's top-1 <= tau; fixed: always gamma-1 "
+        "tokens; hrad: the H-RAD classifier on target features; hybrid: H-RAD with the confidence cut for "
+        "uncertain rounds; auto: hybrid when a predictor exists for the model pair, else confidence",
+        default="auto",
+        choices=("auto", *DRAFTING),
+    )
+    hrad_predictor: str = _help(
+        "H-RAD predictor file (.safetensors + .json) for hrad/hybrid drafting (default: the one shipped for "
+        "the model pair, if any)",
+        default="",
+    )
+
     def __post_init__(self) -> None:
+        if self.drafting not in ("auto", *DRAFTING):
+            raise ConfigError(f"unknown drafting {self.drafting!r}; choose auto or one of {', '.join(DRAFTING)}")
         if not 1 <= self.gamma <= 16:
             raise ConfigError(f"gamma must be in 1..16 (got {self.gamma})")
         if not 1 <= self.branches <= 8:
@@ -138,6 +157,7 @@ class BenchConfig:
     )
     num_prompts: int = _help("prompts per dataset (the first N)", default=10)
     engines: str = _help("comma-separated engines to compare: " + ", ".join(BENCH_ENGINES)
+                         + "; specbranch:MODE pins its drafting mode (" + ", ".join(DRAFTING) + ") for ablations"
                          + " (ar is always run: it is the denominator of every speedup)",
                          default="ar,sd,pearl,specbranch")
     max_new_tokens: int = _help("new tokens per generation (EOS ends a generation earlier)", default=128)
@@ -160,7 +180,9 @@ class BenchConfig:
             raise ConfigError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
         if self.warmup < 0 or self.repeats < 1:
             raise ConfigError(f"need warmup >= 0 and repeats >= 1 (got {self.warmup}, {self.repeats})")
-        unknown = [e for e in self.engine_list if e not in BENCH_ENGINES]
+        unknown = [e for e in self.engine_list
+                   if e.partition(":")[0] not in BENCH_ENGINES or (":" in e and (not e.startswith("specbranch:")
+                                                                            or e.partition(":")[2] not in DRAFTING))]
         if unknown:
             raise ConfigError(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(BENCH_ENGINES)}")
         if not self.dataset_list:
@@ -230,6 +252,77 @@ class ServeConfig:
         if self.engine != "auto":
             return self.engine
         return "specbranch" if has_draft else "ar"
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Where the draft and the target run (DESIGN.md §3, runtime). None of these change the output:
+    the parallel runtime gives the same tokens as the sequential one, seed for seed."""
+
+    runtime: str = _help(
+        "sequential: draft and target take turns in this process; parallel: the draft runs in its own "
+        "worker process, concurrently with the target (engines pearl and specbranch; ar and sd always "
+        "run in this process)",
+        default="sequential",
+        choices=RUNTIMES,
+    )
+    target_device: str = _help("device of the target model: cpu, cuda or cuda:N", default="cpu")
+    draft_device: str = _help("device of the draft model: cpu, cuda or cuda:N", default="cpu")
+    target_cores: str = _help(
+        "parallel runtime: CPU cores the target worker is pinned to, e.g. '0' or '0-3,8' "
+        "(empty = the first half of the cores this process may use)",
+        default="",
+    )
+    draft_cores: str = _help(
+        "parallel runtime: CPU cores the draft worker is pinned to (empty = the other half)", default=""
+    )
+    target_threads: int = _help("parallel runtime: torch threads of the target worker (0 = one per pinned core)", default=0)
+    draft_threads: int = _help("parallel runtime: torch threads of the draft worker (0 = one per pinned core)", default=0)
+    worker_timeout: float = _help(
+        "parallel runtime: seconds to wait for the draft worker at a meeting point before declaring it hung "
+        "(model loading at start-up is waited for while the worker lives, up to 10 minutes)",
+        default=120.0,
+    )
+    on_worker_failure: str = _help(
+        "parallel runtime: when the draft worker dies or hangs, 'error' raises, 'ar' finishes the generation "
+        "with plain decoding on the target and a warning",
+        default="error",
+        choices=ON_WORKER_FAILURE,
+    )
+
+    def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"unknown runtime {self.runtime!r}; choose one of {', '.join(RUNTIMES)}")
+        for name in ("target_device", "draft_device"):
+            dev = getattr(self, name)
+            kind, _, index = dev.partition(":")
+            if kind not in ("cpu", "cuda") or (index and not (kind == "cuda" and index.isdigit())):
+                raise ConfigError(f"{name} must be cpu, cuda or cuda:N (got {dev!r})")
+        for name in ("target_cores", "draft_cores"):
+            parse_cores(getattr(self, name), name)
+        for name in ("target_threads", "draft_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (got {getattr(self, name)}); use 0 for one per pinned core")
+        if not self.worker_timeout > 0:
+            raise ConfigError(f"worker_timeout must be > 0 seconds (got {self.worker_timeout})")
+        if self.on_worker_failure not in ON_WORKER_FAILURE:
+            raise ConfigError(f"on_worker_failure must be one of {', '.join(ON_WORKER_FAILURE)} "
+                              f"(got {self.on_worker_failure!r})")
+
+    @property
+    def parallel(self) -> bool:
+        return self.runtime == "parallel"
+
+
+def parse_cores(spec: str, name: str = "cores") -> list[int]:
+    """``"0-3,8"`` -> ``[0, 1, 2, 3, 8]``; ``""`` -> ``[]`` (automatic)."""
+    cores: set[int] = set()
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()) or (sep and int(hi) < int(lo)):
+            raise ConfigError(f"{name}: {part!r} is not a core number or range (write e.g. '0' or '0-3,8')")
+        cores.update(range(int(lo), int(hi if sep else lo) + 1))
+    return sorted(cores)
 
 
 def field_specs(cls: type) -> list[tuple[str, Any, dict]]:

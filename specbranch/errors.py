@@ -16,3 +16,15 @@ class ConfigError(SpecBranchError, ValueError):
 
 class ModelError(SpecBranchError):
     """A model could not be found, assembled, converted or loaded."""
+
+
+class WorkerError(SpecBranchError):
+    """The draft worker of the parallel runtime failed; the generation could not go on with it."""
+
+
+class WorkerDiedError(WorkerError):
+    """The draft worker process exited (crashed or was killed)."""
+
+
+class WorkerTimeoutError(WorkerError):
+    """The draft worker stopped answering within the worker timeout (hung or far too slow)."""

@@ -129,7 +129,9 @@ def shipped_path(target: str, draft: str) -> Path:
 
 
 def find_shipped(target: str, draft: str) -> HRADPredictor | None:
-    """The predictor shipped for this pair, if any."""
+    """The predictor shipped for this pair, if any (predictors are shipped for registry names only)."""
+    if any(c in target + draft for c in "/\\"):
+        return None
     path = shipped_path(target, draft)
     return HRADPredictor.load(path) if path.with_suffix(".json").is_file() else None
 

@@ -26,8 +26,13 @@ class Metrics:
     branch_rollback_tokens: int = 0  # tokens of branches that were not selected
     num_branch_points: int = 0
     num_branch_hits: int = 0  # the target's token was one of the k candidates
-    target_busy_s: float = 0.0
-    draft_busy_s: float = 0.0
+    target_busy_s: float = 0.0  # time in target forwards
+    draft_busy_s: float = 0.0  # time in draft forwards
+    # Time each worker spent waiting for the other ("mutual waiting bubbles"). Parallel runtime:
+    # measured around each worker's blocking wait for the other's message, round by round.
+    # Sequential runtime: one process, so each worker waits exactly while the other computes.
+    target_idle_s: float = 0.0
+    draft_idle_s: float = 0.0
     # tokens committed by each verification (accepted drafts + correction/bonus): the histogram
     # behind mean accepted length, plotted by the benchmark
     accepted_lengths: list[int] = field(default_factory=list)
@@ -63,11 +68,24 @@ class Metrics:
     # Busy times include each worker's prefill, so idle fractions are taken over the whole wall time.
     @property
     def target_idle_fraction(self) -> float:
-        return 1 - self.target_busy_s / self.wall_time_s if self.wall_time_s > 0 else 0.0
+        """Share of the generation's wall time the target spent waiting for the draft."""
+        return self.target_idle_s / self.wall_time_s if self.wall_time_s > 0 else 0.0
 
     @property
     def draft_idle_fraction(self) -> float:
-        return 1 - self.draft_busy_s / self.wall_time_s if self.wall_time_s > 0 else 0.0
+        """Share of the generation's wall time the draft spent waiting for the target."""
+        return self.draft_idle_s / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def record_verification(self, submitted: int, accepted: int, drafted: int, discarded: int, committed: int) -> None:
+        """Count one verification: ``submitted`` drafts checked, ``accepted`` kept, ``drafted``
+        tokens produced this round (outside unselected branches), ``discarded`` rolled back,
+        ``committed`` tokens emitted by it."""
+        self.accepted_lengths.append(committed)
+        self.num_drafts += 1
+        self.num_draft_tokens += submitted
+        self.num_accepted_tokens += accepted
+        self.drafted_tokens += drafted
+        self.rollback_tokens += discarded
 
     def summary(self) -> dict:
         """Counters plus derived rates, for JSON and printing."""
@@ -92,4 +110,6 @@ class Metrics:
             ]
         if self.num_branch_points:
             parts.append(f"branch hits {self.branch_hit_rate:.1%}")
+        if self.num_draft_tokens:
+            parts.append(f"idle target {self.target_idle_fraction:.0%} / draft {self.draft_idle_fraction:.0%}")
         return " | ".join(parts)

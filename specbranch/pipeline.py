@@ -4,33 +4,56 @@
     pipe = Pipeline()                        # default Qwen2.5-Coder 1.5B target + 0.5B draft
     result = pipe.generate("Write a Python function that reverses a string.")
     print(result.text, result.metrics.tokens_per_s)
+
+With ``Pipeline(runtime=RuntimeConfig(runtime="parallel"))`` the draft runs in a worker process
+that is started once, serves every generation, and is shut down by :meth:`Pipeline.close`
+(or ``with Pipeline(...) as pipe:``, or at interpreter exit).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from .backend import Backend, NativeBackend
-from .config import GenerationConfig, ModelConfig, SamplingConfig, SpeculationConfig
+from .config import GenerationConfig, ModelConfig, RuntimeConfig, SamplingConfig, SpeculationConfig
 from .engines import ENGINE_CLASSES, Engine, GenerationResult, generate
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, SpecBranchError
+from .hrad import HRADPredictor, find_shipped
 from .models.linear import subset_head
 from .models.tokenizer import Tokenizer
 
 
-@dataclass
 class LoadedModel:
-    name: str
-    folder: Path
-    backend: Backend
-    tokenizer: Tokenizer
-    load_time_s: float
+    """A converted model folder with its tokenizer; the weights load on first use of ``backend``
+    (in the parallel runtime this process never needs the draft's weights unless ``sd`` runs)."""
+
+    def __init__(self, name: str, folder: Path, tokenizer: Tokenizer, cfg: ModelConfig, device: str = "cpu",
+                 vocab_subset: int = 0) -> None:
+        self.name, self.folder, self.tokenizer, self.cfg, self.device = name, folder, tokenizer, cfg, device
+        self.vocab_subset = vocab_subset
+        self.load_time_s = 0.0
+        self._backend: Backend | None = None
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            t0 = time.perf_counter()
+            self._backend = load_backend(self.folder, self.cfg, self.device, self.vocab_subset)
+            self.load_time_s += time.perf_counter() - t0
+        return self._backend
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's embedding (from config.json: no need to load the weights)."""
+        return json.loads((self.folder / "config.json").read_text())["vocab_size"]
 
 
 def resolve(spec: str, progress: bool = True) -> Path:
@@ -40,33 +63,45 @@ def resolve(spec: str, progress: bool = True) -> Path:
     return resolve_model(spec, progress=progress)
 
 
-def load_model(spec: str, cfg: ModelConfig, progress: bool = True, vocab_subset: int = 0) -> LoadedModel:
-    """Load one model; ``vocab_subset > 0`` restricts its LM head to that many of the most frequent
-    tokens plus the special ones (for the draft only: see :class:`~.models.linear.VocabSubsetHead`)."""
-    folder = resolve(spec, progress)
-    t0 = time.perf_counter()
-    tokenizer = Tokenizer(folder)
+def load_backend(folder: Path, cfg: ModelConfig, device: str = "cpu", vocab_subset: int = 0) -> Backend:
+    """The model in a converted folder, on ``device``, behind the Backend protocol. ``vocab_subset > 0``
+    restricts the LM head to that many of the most frequent tokens plus the special ones (drafts only:
+    see :class:`~.models.linear.VocabSubsetHead`)."""
+    if device != "cpu" and cfg.precision == "int8":
+        raise ConfigError(f"int8 weights run on the CPU only (FBGEMM): use --precision bf16 or fp32 on {device}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device} requested but this torch build sees no CUDA GPU: use cpu")
     if cfg.backend == "hf":
         from transformers import AutoModelForCausalLM
 
         from .backend_hf import HFBackend
 
         dtype = {"fp64": torch.float64, "bf16": torch.bfloat16}.get(cfg.precision, torch.float32)
-        backend: Backend = HFBackend(AutoModelForCausalLM.from_pretrained(folder, dtype=dtype))
-    else:
-        from .models.loader import load_decoder
+        return HFBackend(AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device))
+    from .models.loader import load_decoder
 
-        decoder = load_decoder(folder, cfg.precision)
-        if 0 < vocab_subset < decoder.cfg.vocab_size:
-            ids = torch.tensor(sorted(set(range(vocab_subset)) | set(tokenizer.special_ids)))
-            decoder.lm_head = subset_head(decoder.lm_head, ids[ids < decoder.cfg.vocab_size], decoder.cfg.vocab_size)
-        backend = NativeBackend(decoder, max_len=cfg.max_len)
-    return LoadedModel(spec, folder, backend, tokenizer, time.perf_counter() - t0)
+    decoder = load_decoder(folder, cfg.precision).to(device)
+    if 0 < vocab_subset < decoder.cfg.vocab_size:
+        ids = torch.tensor(sorted(set(range(vocab_subset)) | set(Tokenizer(folder).special_ids)))
+        decoder.lm_head = subset_head(decoder.lm_head, ids[ids < decoder.cfg.vocab_size], decoder.cfg.vocab_size)
+    return NativeBackend(decoder, max_len=cfg.max_len)
+
+
+def load_model(spec: str, cfg: ModelConfig, progress: bool = True, device: str = "cpu", lazy: bool = False,
+               vocab_subset: int = 0) -> LoadedModel:
+    """Resolve and load a model (its weights only on first use when ``lazy``)."""
+    folder = resolve(spec, progress)
+    t0 = time.perf_counter()
+    model = LoadedModel(spec, folder, Tokenizer(folder), cfg, device, vocab_subset)
+    model.load_time_s = time.perf_counter() - t0
+    if not lazy:
+        model.backend
+    return model
 
 
 def check_compatible(target: LoadedModel, draft: LoadedModel) -> None:
     """Speculative decoding compares token ids, so both models must share one vocabulary."""
-    if target.backend.vocab_size != draft.backend.vocab_size or target.tokenizer.vocab_size != draft.tokenizer.vocab_size:
+    if target.vocab_size != draft.vocab_size or target.tokenizer.vocab_size != draft.tokenizer.vocab_size:
         raise ModelError(
             f"draft {draft.name!r} and target {target.name!r} have different vocabularies "
             f"({draft.tokenizer.vocab_size} vs {target.tokenizer.vocab_size} tokens): choose a draft "
@@ -82,17 +117,63 @@ def check_compatible(target: LoadedModel, draft: LoadedModel) -> None:
 class Pipeline:
     """A loaded target/draft pair plus the engines that decode with it."""
 
-    def __init__(self, models: ModelConfig | None = None, progress: bool = True) -> None:
+    def __init__(
+        self, models: ModelConfig | None = None, progress: bool = True, runtime: RuntimeConfig | None = None
+    ) -> None:
         self.cfg = models or ModelConfig()
+        self.runtime = runtime or RuntimeConfig()
         torch.set_num_threads(self.cfg.threads or os.cpu_count() or 1)
-        self.target = load_model(self.cfg.target, self.cfg, progress)
-        self.draft = load_model(self.cfg.draft, self.cfg, progress, self.cfg.draft_vocab) if self.cfg.has_draft else None
-        if self.draft is not None:
-            check_compatible(self.target, self.draft)
+        self.worker = None
+        self.closed = False
+        self._predictors: dict[str, HRADPredictor | None] = {}
+        self._close = lambda: None
+        t0 = time.perf_counter()
+        try:
+            if self.runtime.parallel and self.cfg.has_draft:
+                self._start_worker(progress)  # the worker loads the draft while we load the target
+            self.target = load_model(self.cfg.target, self.cfg, progress, self.runtime.target_device)
+            self.draft = None
+            if self.cfg.has_draft:
+                self.draft = load_model(self.cfg.draft, self.cfg, progress, self.runtime.draft_device,
+                                        lazy=self.worker is not None, vocab_subset=self.cfg.draft_vocab)
+                check_compatible(self.target, self.draft)
+            if self.worker is not None:
+                self.worker.wait_ready()
+                if self.worker.vocab_size != self.target.backend.vocab_size:
+                    raise ModelError(f"the draft worker's model has {self.worker.vocab_size} token rows, the "
+                                     f"target {self.target.backend.vocab_size}: choose a draft of the same family")
+        except BaseException:
+            self.close()
+            raise
+        self._load_wall_s = time.perf_counter() - t0
         self.tokenizer = self.target.tokenizer
+
+    def _start_worker(self, progress: bool) -> None:
+        from .runtime.placement import worker_placements
+        from .runtime.process import DraftWorker
+
+        self.target_placement, draft_placement = worker_placements(self.runtime)
+        folder = resolve(self.cfg.draft, progress)
+        self.worker = DraftWorker(folder, self.cfg, draft_placement, self.runtime.worker_timeout)
+        self.worker.start()
+        # Shut the worker down when the pipeline is closed, collected, or at interpreter exit.
+        self._close = weakref.finalize(self, self.worker.close)
+
+    def close(self) -> None:
+        """Stop the draft worker process, if any (idempotent). In-process engines stay usable."""
+        self.closed = True
+        self._close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def load_time_s(self) -> float:
+        if self.worker is not None:  # the two models load concurrently
+            return self._load_wall_s
         return self.target.load_time_s + (self.draft.load_time_s if self.draft else 0.0)
 
     def engine(self, name: str, spec: SpeculationConfig | None = None) -> Engine:
@@ -103,7 +184,46 @@ class Pipeline:
             return cls(self.target.backend)
         if self.draft is None:
             raise ConfigError(f"engine {name!r} needs a draft model: pass --draft")
-        return cls(self.target.backend, self.draft.backend, spec)
+        if name == "sd":
+            return cls(self.target.backend, self.draft.backend, spec)
+        spec, predictor = self.speculation(spec if name == "specbranch" else replace(spec or SpeculationConfig(),
+                                                                                      drafting="confidence"))
+        if self.worker is not None:
+            from .runtime.parallel import ParallelEngine
+
+            if self.closed:
+                raise SpecBranchError("this Pipeline was closed (its draft worker is stopped): create a new one")
+            return ParallelEngine(name, self.target.backend, self.worker, self.runtime, self.target_placement, spec,
+                                  predictor)
+        return cls(self.target.backend, self.draft.backend, spec, predictor=predictor)
+
+    def speculation(self, spec: SpeculationConfig | None) -> tuple[SpeculationConfig, HRADPredictor | None]:
+        """Resolve ``drafting=auto`` (hybrid when an H-RAD predictor exists for this pair, else
+        confidence) and load the predictor the drafting mode needs (once per file)."""
+        spec = spec or SpeculationConfig()
+        predictor = None
+        if spec.hrad_predictor or spec.drafting in ("auto", "hrad", "hybrid"):
+            key = spec.hrad_predictor or "shipped"
+            if key not in self._predictors:
+                if spec.hrad_predictor:
+                    self._predictors[key] = HRADPredictor.load(spec.hrad_predictor)
+                else:
+                    self._predictors[key] = find_shipped(self.target.name, self.draft.name)
+            predictor = self._predictors[key]
+            if predictor is not None:
+                predictor.check_pair(self.target.name, self.draft.name, self.target_hidden_size)
+        drafting = spec.drafting
+        if drafting == "auto":
+            drafting = "hybrid" if predictor is not None else "confidence"
+        if drafting in ("hrad", "hybrid") and predictor is None:
+            raise ConfigError(f"drafting {drafting!r} needs an H-RAD predictor and none is shipped for "
+                              f"{self.target.name} + {self.draft.name}: train one (`specbranch train-hrad`) and "
+                              "pass --hrad-predictor, or use --drafting confidence")
+        return replace(spec, drafting=drafting), predictor if drafting in ("hrad", "hybrid") else None
+
+    @property
+    def target_hidden_size(self) -> int:
+        return json.loads((self.target.folder / "config.json").read_text())["hidden_size"]
 
     def room(self, prompt_tokens: int) -> int:
         """How many new tokens fit in the KV cache after a prompt of this length. The 64 spare

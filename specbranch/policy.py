@@ -18,34 +18,58 @@ def top1_confidence(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1).amax(dim=-1)
 
 
+DRAFTING = ("confidence", "fixed", "hrad", "hybrid")
+
+
 @dataclass
 class DraftPolicy:
-    """Fixed block length ``gamma`` with SpecBranch's implicit confidence rule.
+    """Where a drafted block ends and where the draft hedges (DESIGN.md §2.3).
 
-    - ``candidates(conf)``: how many candidate tokens to fork at a branch point whose draft top-1
-      probability is ``conf``: ``branches`` when ``conf <= tau`` (the draft is unsure: hedge),
-      else 1 (a plain continuation, as in PEARL).
-    - ``cut(conf)``: stop extending a block before a position whose top-1 probability is ``<= tau``;
-      that position becomes the next branch point.
-    - ``max_block()``: most tokens drafted after a branch point in one round.
-    - ``observe(features)``: hook for policies that read target features after each verification
-      (H-RAD); the fixed policy ignores them.
+    ``mode`` says who ends a block:
 
-    ``tau = 0`` never cuts and ``branches = 1`` never forks: that is PEARL.
+    - ``confidence`` (SpecBranch's implicit rule): the draft stops extending a branch before its
+      first position whose top-1 probability is ``<= tau``; that position is the next branch point.
+    - ``fixed``: every block is ``gamma - 1`` tokens.
+    - ``hrad``: blocks are drafted in full and the target-side H-RAD class decides how much of the
+      surviving one is submitted: reject-soon -> none (branch right away), partial -> half,
+      accept-all -> all.
+    - ``hybrid`` (H-RAD + confidence): as ``hrad``, but *partial* submits up to the confidence cut.
+
+    At a branch point ``candidates(conf)`` forks ``branches`` rows when the draft's top-1
+    probability is ``<= tau`` (or when H-RAD said reject-soon), else continues with one.
+    ``tau = 0`` and ``branches = 1`` with ``mode = confidence``: that is PEARL.
     """
 
     gamma: int = 4
     branches: int = 3
     tau: float = 0.4
+    mode: str = "confidence"
 
-    def candidates(self, conf: float) -> int:
-        return self.branches if conf <= self.tau else 1
+    def __post_init__(self) -> None:
+        if self.mode not in DRAFTING:
+            raise ValueError(f"unknown drafting mode {self.mode!r}; choose one of {', '.join(DRAFTING)}")
+
+    @property
+    def uses_hrad(self) -> bool:
+        return self.mode in ("hrad", "hybrid")
+
+    def candidates(self, conf: float, force: bool = False) -> int:
+        return self.branches if force or conf <= self.tau else 1
 
     def cut(self, conf: float) -> bool:
-        return conf <= self.tau
+        """Stop drafting a branch here (only the confidence mode stops while drafting)."""
+        return self.mode == "confidence" and conf <= self.tau
 
     def max_block(self) -> int:
         return self.gamma - 1
 
-    def observe(self, features: torch.Tensor | None) -> None:
-        """Target hidden features at the last verified position (unused by this policy)."""
+    def keep(self, block: int, cut: int, hrad_class: int | None) -> int:
+        """Tokens of the surviving ``block``-token branch to submit next round; ``cut``: its
+        confidence cut (first position with top-1 <= tau, or ``block``); ``hrad_class``: 0/1/2."""
+        if not self.uses_hrad:
+            return block  # confidence mode already cut while drafting; fixed keeps everything
+        if hrad_class == 0:
+            return 0
+        if hrad_class == 2:
+            return block
+        return cut if self.mode == "hybrid" else (block + 1) // 2

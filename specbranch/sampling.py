@@ -13,6 +13,7 @@ two, which by itself breaks losslessness). Exactness choices:
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -79,6 +80,27 @@ def uniforms(n: int, generator: torch.Generator) -> Tensor:
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"an explicit torch.Generator is required (got {type(generator).__name__})")
     return torch.rand(n, generator=generator, dtype=torch.float64, device=generator.device)
+
+
+def verify_generator(seed: int) -> torch.Generator:
+    """The verification stream: every decision the target side makes (ratio tests, residual and
+    bonus samples, match sampling, ``ar`` sampling). Seeded with ``seed`` itself."""
+    return torch.Generator().manual_seed(seed)
+
+
+def draft_generator(seed: int) -> torch.Generator:
+    """The drafting stream: every random choice the draft side makes (rule C drafts and branch
+    candidates). Seeded with the first 63 bits of BLAKE2b(``"specbranch-draft:<seed>"``).
+
+    Why a second stream: with one generator shared by both sides, the draws would interleave in
+    whatever order the two workers happen to run, so a concurrent runtime could not reproduce the
+    sequential one. With one stream per side, each side advances its own generator the same way in
+    any runtime. Losslessness does not need the two to be related: the rules only require the
+    verification uniforms to be independent of the drafts, which separate streams are. A hash (not
+    ``seed + 1``) keeps seed s's draft stream from being seed s+1's verification stream.
+    """
+    digest = hashlib.blake2b(f"specbranch-draft:{seed}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:

@@ -39,6 +39,19 @@ def make_tiny_hf(model_type: str, seed: int = 0, tie: bool = False, dtype=torch.
     return model
 
 
+def perturbed(model, seed: int, scale: float):
+    """A copy of ``model`` with noise on every matrix: a draft that mostly agrees with its target."""
+    import copy
+
+    draft = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale * p.std())
+    return draft
+
+
 @pytest.fixture(params=["llama", "qwen2"])
 def tiny_folder(request, tmp_path):
     """(model_type, folder, hf_model) for a saved tiny checkpoint."""

@@ -52,6 +52,11 @@ def test_bench_config_validates():
     with pytest.raises(ConfigError, match="unknown engine"):
         BenchConfig(engines="ar,warp")
     assert BenchConfig(engines="specbranch,ar,sd").engine_list == ["ar", "specbranch", "sd"]
+    assert BenchConfig(engines="specbranch:fixed,specbranch:hybrid").engine_list[1:] == ["specbranch:fixed", "specbranch:hybrid"]
+    with pytest.raises(ConfigError, match="unknown engine"):
+        BenchConfig(engines="specbranch:warp")
+    with pytest.raises(ConfigError, match="unknown engine"):
+        BenchConfig(engines="sd:fixed")
     quick = BenchConfig(quick=True).resolved()
     assert (quick.num_prompts, quick.max_new_tokens, quick.dataset_list) == (3, 64, ["humaneval"])
 

@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import assert_matches, make_tiny_hf
+from conftest import assert_matches, make_tiny_hf, perturbed
 
 from specbranch.backend import NativeBackend
 from specbranch.backend_hf import HFBackend
@@ -25,19 +25,6 @@ SPECULATIVE = ("sd", "pearl", "specbranch")
 def native(model, precision="fp64") -> NativeBackend:
     cfg = DecoderConfig.from_hf(model.config.to_dict())
     return NativeBackend(Decoder(cfg, model.state_dict(), precision), max_len=512)
-
-
-def perturbed(model, seed: int, scale: float):
-    """A copy of ``model`` with noise on every matrix: a draft that mostly agrees with its target."""
-    import copy
-
-    draft = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in draft.parameters():
-            if p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale * p.std())
-    return draft
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +203,63 @@ def test_reduced_vocabulary_draft_stays_lossless(greedy_pair, sampling_pair):
     engine = ENGINE_CLASSES["sd"](native(target_model), with_subset_head(native(draft_model), 3), SpeculationConfig(2))
     counts = sample_engine(engine, [1, 3], sampling, 5000)
     assert_matches(counts, target_law(target_model, [1, 3], sampling), 5000)
+
+
+# ---------------------------------------------------------------- H-RAD drafting: never changes the output
+
+
+def random_predictor(model, seed: int = 0):
+    """An untrained H-RAD predictor for ``model``'s hidden size: its classes are arbitrary, which is
+    the point: whatever it says, the output must not change."""
+    from specbranch.hrad import HRADConfig, HRADPredictor
+
+    torch.manual_seed(seed)
+    pred = HRADPredictor(HRADConfig(hidden_size=model.config.hidden_size, num_layers=2, widths=(8,)))
+    with torch.no_grad():
+        pred.net[-1].weight.mul_(30.0)  # confident, varied classes
+    return pred
+
+
+@pytest.mark.parametrize("drafting", ["fixed", "hrad", "hybrid"])
+def test_hrad_drafting_modes_equal_ar(greedy_pair, drafting):
+    target_model, draft_model = greedy_pair
+    pred = random_predictor(target_model) if drafting != "fixed" else None
+    want = run(AREngine(native(target_model)), [5, 6, 7], 40).tokens
+    for gamma, tau in ((4, 0.2), (6, 0.5)):
+        spec = SpeculationConfig(gamma=gamma, branches=3, tau=tau, drafting=drafting)
+        engine = ENGINE_CLASSES["specbranch"](native(target_model), native(draft_model), spec, predictor=pred)
+        got = run(engine, [5, 6, 7], 40)
+        assert got.tokens == want, (drafting, gamma, tau)
+    if pred is not None:  # every class was used, so every keep rule ran
+        from specbranch.hrad import features
+
+        side = engine.target_side
+        assert side.lane.last_hidden.shape == (2, target_model.config.hidden_size)
+        x = torch.randn(200, pred.cfg.in_features) * 3
+        assert set(pred.logits(x).argmax(-1).tolist()) == {0, 1, 2}
+        assert features(side.lane.last_hidden, side.lane.backend.embed(3)).shape == (pred.cfg.in_features,)
+
+
+def test_hrad_sampled_output_follows_the_target(sampling_pair):
+    target_model, draft_model = sampling_pair
+    spec = SpeculationConfig(gamma=3, branches=3, tau=0.6, drafting="hybrid")
+    engine = ENGINE_CLASSES["specbranch"](native(target_model), native(draft_model), spec,
+                                          predictor=random_predictor(target_model, seed=1))
+    sampling = SamplingConfig(temperature=1.0)
+    counts = sample_engine(engine, [1, 3], sampling, 5000)
+    assert_matches(counts, target_law(target_model, [1, 3], sampling), 5000)
+
+
+def test_trace_collection_labels_full_blocks(greedy_pair):
+    from specbranch.hrad import HRADConfig
+
+    target_model, draft_model = greedy_pair
+    cfg = HRADConfig(hidden_size=target_model.config.hidden_size, num_layers=2, gamma=4)
+    engine = ENGINE_CLASSES["specbranch"](native(target_model), native(draft_model),
+                                          SpeculationConfig(gamma=4, tau=0.2, drafting="fixed"))
+    traces = engine.target_side.record_traces(cfg)
+    m = run(engine, [1, 2, 3], 60).metrics
+    assert len(traces) > 5
+    assert all(x.shape == (cfg.in_features,) and y in (0, 1, 2) for x, y in traces)
+    assert {y for _, y in traces} >= {2}  # a close draft gets whole blocks accepted
+    assert len(traces) < m.num_drafts  # the first round and rounds after a rollback have no label

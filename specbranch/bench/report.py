@@ -63,7 +63,7 @@ def aggregate(result: BenchResult) -> list[Aggregate]:
             mean_accepted_length=sum(r.metrics["new_tokens"] for r in runs) / forwards if native and forwards else float("nan"),
             acceptance_rate=_pooled(runs, "num_accepted_tokens", "num_draft_tokens"),
             rollback_rate=_pooled(runs, "rollback_tokens", "drafted_tokens"),
-            branch_hit_rate=_pooled(runs, "num_branch_hits", "num_branch_points") if engine == "specbranch" else None,
+            branch_hit_rate=_pooled(runs, "num_branch_hits", "num_branch_points") if engine.startswith("specbranch") else None,
             target_idle=idle("target_idle_fraction"),
             draft_idle=idle("draft_idle_fraction"),
             mismatches=sum(not r.matches_ar for r in checked) if checked else None,
@@ -86,7 +86,8 @@ def markdown(result: BenchResult, aggs: list[Aggregate]) -> str:
         "",
         f"{b['max_new_tokens']} new tokens, temperature {s['temperature']}, {b['num_prompts']} prompts per dataset, "
         f"{b['repeats']} repeat(s), engines interleaved per prompt; models {result.config['models']['target']} / "
-        f"{result.config['models']['draft']} at {result.config['models']['precision']}; "
+        f"{result.config['models']['draft']} at {result.config['models']['precision']}, "
+        f"{result.config.get('runtime', {}).get('runtime', 'sequential')} runtime for pearl/specbranch; "
         f"torch {env['torch']}, {env['cpu_count']} CPUs, commit {env['git_commit']}, {env['time']}.",
         "",
         "| dataset | engine | tok/s (median) | speedup vs ar | mean accepted length | acceptance | rollback "

@@ -7,12 +7,12 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from ..config import BenchConfig, GenerationConfig, ModelConfig, SamplingConfig, SpeculationConfig
+from ..config import BenchConfig, GenerationConfig, ModelConfig, RuntimeConfig, SamplingConfig, SpeculationConfig
 from ..metrics import Metrics
 from ..pipeline import Pipeline
 from .datasets import Prompt, load_prompts
@@ -79,8 +79,10 @@ class Bench:
             tokens, wall = self.hf.generate(ids, max_new_tokens, self.sampling)
             m = Metrics(new_tokens=len(tokens), prompt_tokens=len(ids), wall_time_s=wall)
             return tokens, self.pipe.tokenizer.decode(tokens), m.summary()
-        gen = GenerationConfig(max_new_tokens=max_new_tokens, engine=engine)
-        r = self.pipe.generate(ids, gen, self.sampling, spec=self.spec)
+        name, _, drafting = engine.partition(":")  # specbranch:MODE, an ablation of the drafting policy
+        spec = replace(self.spec, drafting=drafting) if drafting else self.spec
+        r = self.pipe.generate(ids, GenerationConfig(max_new_tokens=max_new_tokens, engine=name), self.sampling,
+                               spec=spec)
         return r.tokens, r.text, r.metrics.summary()
 
     def run(self, progress: bool = True) -> BenchResult:
@@ -90,7 +92,7 @@ class Bench:
         datasets = [load_prompts(d, b.num_prompts) for d in b.dataset_list]
         result = BenchResult(
             config={"bench": asdict(b), "sampling": asdict(self.sampling), "speculation": asdict(self.spec),
-                    "models": asdict(self.pipe.cfg)},
+                    "models": asdict(self.pipe.cfg), "runtime": asdict(self.pipe.runtime)},
             environment=environment(),
         )
         encoded = {(name, p.id): self.pipe.encode(p.text) for name, prompts in datasets for p in prompts}
@@ -127,7 +129,6 @@ class Bench:
 
 
 def run_bench(models: ModelConfig, bench: BenchConfig, sampling: SamplingConfig, spec: SpeculationConfig,
-              progress: bool = True) -> BenchResult:
-    bench = bench.resolved()
-    pipe = Pipeline(models, progress=progress)
-    return Bench(pipe, bench, sampling, spec).run(progress)
+              runtime: RuntimeConfig | None = None, progress: bool = True) -> BenchResult:
+    with Pipeline(models, progress=progress, runtime=runtime) as pipe:
+        return Bench(pipe, bench.resolved(), sampling, spec).run(progress)

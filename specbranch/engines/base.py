@@ -17,6 +17,7 @@ import torch
 
 from ..config import GenerationConfig, SamplingConfig
 from ..metrics import Metrics
+from ..sampling import verify_generator
 
 
 class Engine(ABC):
@@ -29,6 +30,10 @@ class Engine(ABC):
     @abstractmethod
     def step(self) -> list[int]:
         """Run one round; return the newly committed tokens (at least one)."""
+
+    def finish(self) -> None:
+        """The generation is over (its loop stopped, or raised). Engines whose workers run ahead
+        (the parallel runtime) bring them back to idle here; must not raise."""
 
 
 @dataclass
@@ -121,21 +126,24 @@ def generate(
     generation with finish_reason "cancelled" and the tokens committed so far.
     """
     metrics = Metrics(prompt_tokens=len(prompt))
-    rng = torch.Generator().manual_seed(sampling.seed)
+    rng = verify_generator(sampling.seed)  # the draft side derives its own stream from the seed
     stopper = StopChecker(gen.max_new_tokens, eos_ids, gen.stop, decode)
     streamer = TextStreamer(decode, on_text, gen.stop) if on_text and decode else None
     t0 = time.perf_counter()
-    engine.start(prompt, sampling, rng, metrics)
-    metrics.prefill_time_s = time.perf_counter() - t0
-    while not stopper.done:
-        if should_stop is not None and should_stop():
-            stopper.finish_reason = "cancelled"
-            break
-        kept = stopper.push(engine.step())
-        if on_tokens and kept:
-            on_tokens(kept)
-        if streamer:
-            streamer.update(stopper.text(), final=stopper.done)
+    try:
+        engine.start(prompt, sampling, rng, metrics)
+        metrics.prefill_time_s = time.perf_counter() - t0
+        while not stopper.done:
+            if should_stop is not None and should_stop():
+                stopper.finish_reason = "cancelled"
+                break
+            kept = stopper.push(engine.step())
+            if on_tokens and kept:
+                on_tokens(kept)
+            if streamer:
+                streamer.update(stopper.text(), final=stopper.done)
+    finally:
+        engine.finish()
     metrics.wall_time_s = time.perf_counter() - t0
     metrics.new_tokens = len(stopper.tokens)
     return GenerationResult(stopper.tokens, stopper.text(), stopper.finish_reason, metrics)

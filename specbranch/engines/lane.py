@@ -27,6 +27,9 @@ class Lane:
         self.branches: list[list[int]] = []  # per-branch suffix tokens while forked
         self._last: torch.Tensor | None = None  # logits at the last trunk position, if known
         self.metrics = Metrics()
+        # H-RAD: layers whose hidden states each forward returns, and those of its last position
+        self.hidden_layers: tuple[int, ...] = ()
+        self.last_hidden: torch.Tensor | None = None  # [N, H]
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def reset(self, prompt: Sequence[int], metrics: Metrics) -> None:
@@ -113,7 +116,10 @@ class Lane:
 
     def _run(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         t0 = time.perf_counter()
-        logits = self.backend.forward(tokens, last_only=last_only).logits
+        out = self.backend.forward(tokens, hidden_layers=self.hidden_layers, last_only=last_only)
+        if self.hidden_layers:
+            self.last_hidden = out.hidden[:, 0, -1]  # [N, rows, t, H] -> [N, H] of row 0's last token
+        logits = out.logits
         busy = time.perf_counter() - t0
         m = self.metrics
         if self.role == "target":

@@ -8,6 +8,8 @@ SpecBranch remove.
 
 from __future__ import annotations
 
+import time
+
 from .speculative import Position, SpeculativeEngine
 
 
@@ -25,11 +27,16 @@ class SDEngine(SpeculativeEngine):
         return block
 
     def step(self) -> list[int]:
+        t0 = time.perf_counter()
         block = self.draft_round()
+        t1 = time.perf_counter()
         drafted = [pos.candidates[0] for pos in block]
         # target worker: p at every drafted position plus the bonus position -> [γ+1, V]
         logits = self.target.feed(self.committed + drafted, rows=len(block) + 1)
         out = self.speculator.verify(block, logits, bonus=True)
-        self.record(len(block), out.num_accepted, len(block), len(block) - out.num_accepted, len(out.tokens))
+        self.metrics.target_idle_s += t1 - t0  # each waits while the other computes
+        self.metrics.draft_idle_s += time.perf_counter() - t1
+        self.metrics.record_verification(len(block), out.num_accepted, len(block), len(block) - out.num_accepted,
+                                         len(out.tokens))
         self.committed += out.tokens
         return out.tokens

@@ -22,7 +22,7 @@ import torch
 from ..backend import Backend
 from ..config import SamplingConfig, SpeculationConfig
 from ..metrics import Metrics
-from ..sampling import probs_from_logits, sample
+from ..sampling import draft_generator, probs_from_logits, sample
 from ..verify import (
     BranchVerdict,
     draw_candidates,
@@ -55,11 +55,24 @@ class Outcome:
 
 
 class Speculator:
-    """Draft-side token choice and target-side verification under one rule (A, B or C)."""
+    """Draft-side token choice and target-side verification under one rule (A, B or C).
 
-    def __init__(self, sampling: SamplingConfig, draft_sampling: str, rng: torch.Generator) -> None:
+    The two halves draw from separate generators (see :func:`specbranch.sampling.draft_generator`):
+    ``draft_rng`` for rule C drafts and candidates, ``rng`` for verification. A worker that only
+    drafts (or only verifies) holds a speculator with just its own generator; using the other half
+    then fails loudly instead of falling back to the global RNG.
+    """
+
+    def __init__(
+        self,
+        sampling: SamplingConfig,
+        draft_sampling: str,
+        rng: torch.Generator | None,
+        draft_rng: torch.Generator | None = None,
+    ) -> None:
         self.sampling = sampling
         self.rng = rng
+        self.draft_rng = draft_rng
         self.rule = "A" if sampling.greedy else ("C" if draft_sampling == "sample" else "B")
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -72,7 +85,7 @@ class Speculator:
         if self.rule != "C":
             return int(logits.argmax()), None
         q = self.probs(logits)
-        return sample(q, self.rng), q
+        return sample(q, self.draft_rng), q
 
     def candidates(self, logits: torch.Tensor, k: int) -> Position:
         """``k`` branch candidates from draft logits ``[V]``: the top-k tokens (rules A, B) or k
@@ -83,7 +96,7 @@ class Speculator:
         if self.rule != "C":
             return Position(logits.topk(k).indices.tolist())
         q = self.probs(logits)
-        return Position(draw_candidates(q, k, self.rng, without_replacement=True).tolist(), q)
+        return Position(draw_candidates(q, k, self.draft_rng, without_replacement=True).tolist(), q)
 
     # -- target side ---------------------------------------------------------------------------
     def verify(self, positions: list[Position], target_logits: torch.Tensor, bonus: bool = False) -> Outcome:
@@ -129,16 +142,28 @@ class SpeculativeEngine(Engine):
         self.committed = list(prompt)
         self.target.reset(prompt, metrics)
         self.draft.reset(prompt, metrics)
-        self.speculator = Speculator(sampling, self.spec.draft_sampling, rng)
+        self.speculator = Speculator(sampling, self.spec.draft_sampling, rng, draft_generator(sampling.seed))
 
-    def record(self, submitted: int, accepted: int, drafted: int, discarded: int, committed: int) -> None:
-        """Count one verification: ``submitted`` drafts checked, ``accepted`` kept, ``drafted``
-        tokens produced this round (outside unselected branches), ``discarded`` rolled back,
-        ``committed`` tokens emitted by it."""
-        m = self.metrics
-        m.accepted_lengths.append(committed)
-        m.num_drafts += 1
-        m.num_draft_tokens += submitted
-        m.num_accepted_tokens += accepted
-        m.drafted_tokens += drafted
-        m.rollback_tokens += discarded
+
+class Side:
+    """One worker's half of a speculative engine: its lane, its copy of the committed tokens, and a
+    speculator holding only the generator that half draws from.
+
+    The draft half and the target half of :class:`~specbranch.engines.specbranch.SpecBranchEngine`
+    are Sides; they share no objects, only messages (a proposal one way, a verdict the other), so
+    they can run in one process or in two.
+    """
+
+    def __init__(self, backend: Backend, role: str, draft_sampling: str) -> None:
+        self.lane = Lane(backend, role)
+        self.role = role
+        self.draft_sampling = draft_sampling
+
+    def start(self, prompt: Sequence[int], sampling: SamplingConfig, rng: torch.Generator, metrics: Metrics) -> None:
+        """Prefill this side's model. ``rng`` is this side's own stream: the verification
+        generator for the target, :func:`~specbranch.sampling.draft_generator` for the draft."""
+        self.metrics = metrics
+        self.committed = list(prompt)
+        self.lane.reset(prompt, metrics)
+        rngs = (None, rng) if self.role == "draft" else (rng, None)
+        self.speculator = Speculator(sampling, self.draft_sampling, *rngs)

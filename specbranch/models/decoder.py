@@ -192,6 +192,28 @@ class Decoder:
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self._rope_len = 0
         self._cos = self._sin = torch.empty(0)
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> "Decoder":
+        """Move the weights to ``device`` (dense precisions only: the int8 kernel is FBGEMM's, CPU only)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        if self.precision == "int8":
+            raise ModelError(f"int8 weights run on the CPU only (FBGEMM): use precision bf16 or fp32 on {device}")
+        tied = self.lm_head.weight is self.embed  # fp32 tied head: one tensor, keep it shared
+        self.embed = self.embed.to(device)
+        self.norm = self.norm.to(device)
+        for layer in self.layers:
+            layer.ln_attn, layer.ln_mlp = layer.ln_attn.to(device), layer.ln_mlp.to(device)
+        for lin in self.linears().values():
+            if not (tied and lin is self.lm_head):
+                lin.to(device)
+        if tied:
+            self.lm_head.weight = self.embed
+        self._rope_len = 0  # rebuilt on the new device
+        self.device = device
+        return self
 
     def linears(self) -> dict[str, Any]:
         """Every linear layer by a stable name (what the int8 cache stores)."""
@@ -202,20 +224,22 @@ class Decoder:
 
     def new_cache(self, max_len: int, max_branches: int = 4, max_branch_len: int = 32) -> KVCache:
         c = self.cfg
-        return KVCache(c.num_layers, c.num_kv_heads, c.head_dim, max_len, max_branches, max_branch_len, self.dtype)
+        return KVCache(
+            c.num_layers, c.num_kv_heads, c.head_dim, max_len, max_branches, max_branch_len, self.dtype, self.device
+        )
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[t, head_dim]`` for the given positions (table grown on demand)."""
-        need = int(positions.max()) + 1
+    def _rope(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin ``[t, head_dim]`` for positions ``start .. start+t-1`` (table grown on demand)."""
+        need = start + t
         if need > self._rope_len:
             n = max(need, 2 * self._rope_len, 1024)
             d = self.cfg.head_dim
             inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
             freqs = torch.outer(torch.arange(n, dtype=torch.float64), inv)  # [n, d/2]
             emb = torch.cat([freqs, freqs], dim=-1)  # [n, d]
-            self._cos, self._sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
+            self._cos, self._sin = emb.cos().to(self.device, self.dtype), emb.sin().to(self.device, self.dtype)
             self._rope_len = n
-        return self._cos[positions], self._sin[positions]
+        return self._cos[start:need], self._sin[start:need]
 
     @torch.inference_mode()
     def forward(
@@ -234,8 +258,8 @@ class Decoder:
             raise ValueError(f"forward got {rows} rows but the cache expects {cache.rows()}")
         start = cache.total_length
         cache.advance(t)
-        cos, sin = self._rope(torch.arange(start, start + t))
-        h = self.embed[tokens]  # [rows, t, H]
+        cos, sin = self._rope(start, t)
+        h = self.embed[tokens.to(self.device)]  # [rows, t, H]
         want = {i % (c.num_layers + 1) for i in hidden_layers}
         kept = [h] if 0 in want else []
         for i, layer in enumerate(self.layers):

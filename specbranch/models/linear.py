@@ -30,6 +30,11 @@ class DenseLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
 
+    def to(self, device: torch.device) -> "DenseLinear":
+        self.weight = self.weight.to(device)
+        self.bias = None if self.bias is None else self.bias.to(device)
+        return self
+
 
 class Int8Linear:
     """Per-output-channel int8 weights, per-row int8 activations, FBGEMM kernel; batch-invariant.

@@ -1,0 +1,124 @@
+"""The draft worker process (rank 1): ``python -m specbranch.runtime.worker '<json config>'``.
+
+Started once by :class:`specbranch.runtime.process.DraftWorker`, it pins itself to its cores,
+loads the draft model, says so through the rendezvous store, joins the gloo group and then serves
+generations until told to shut down (protocol: :mod:`specbranch.runtime.messages`). Each
+generation drives a :class:`~specbranch.engines.specbranch.DraftSide`, the same state machine the
+sequential engine drives in one process.
+
+It never outlives its parent: a watchdog thread exits the process as soon as the parent's end of
+the stdin pipe closes (the parent exited, however it died) or the process is re-parented.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from ..config import ModelConfig
+from ..engines.specbranch import DraftSide, draft_policy
+from ..metrics import Metrics
+from ..sampling import draft_generator
+from .messages import (
+    FOREVER,
+    LOOPBACK,
+    Channel,
+    ChannelError,
+    CounterTracker,
+    Kind,
+    Message,
+    decode_start,
+    decode_verdict,
+    encode_proposal,
+    make_group,
+)
+from .placement import Placement, apply_placement
+
+def watch_parent() -> None:
+    """Exit as soon as the parent is gone: EOF on stdin (the parent holds the pipe's other end) or
+    a new parent process id (re-parented after the parent died)."""
+    parent = os.getppid()
+    fd = sys.stdin.fileno()
+    while True:
+        ready, _, _ = select.select([fd], [], [], 1.0)
+        if (ready and not os.read(fd, 4096)) or os.getppid() != parent:
+            os._exit(0)
+
+
+def serve(channel: Channel, backend) -> None:
+    """Answer generations until SHUTDOWN (or until the coordinator is gone)."""
+    while True:
+        msg = channel.recv(FOREVER)
+        if msg.kind == Kind.SHUTDOWN:
+            return
+        if msg.kind == Kind.STOP:  # nothing running: just confirm
+            channel.send(Message(Kind.DONE))
+        elif msg.kind == Kind.START:
+            generation(channel, backend, msg)
+        else:
+            raise ChannelError(f"protocol error: {msg.kind.name} while idle")
+
+
+def generation(channel: Channel, backend, start: Message) -> None:
+    """One generation: draft, send the proposal, wait for the verdict, apply it, repeat until STOP."""
+    metrics = Metrics()
+    tracker = CounterTracker(metrics)
+    try:
+        req = decode_start(start)
+        side = DraftSide(backend, draft_policy(req.engine, req.spec), req.spec.draft_sampling)
+        side.start(req.prompt, req.sampling, draft_generator(req.sampling.seed), metrics)
+        while True:
+            channel.send(encode_proposal(side.draft_round(), tracker.take()))
+            t0 = time.perf_counter()
+            msg = channel.recv(FOREVER)
+            tracker.idle_s += time.perf_counter() - t0  # waiting for the target: the draft's bubble
+            if msg.kind == Kind.STOP:
+                channel.send(Message(Kind.DONE, extra=tracker.take().extra()))
+                return
+            if msg.kind != Kind.VERDICT:
+                raise ChannelError(f"protocol error: {msg.kind.name} during a generation")
+            side.apply(decode_verdict(msg))
+    except ChannelError:
+        raise
+    except Exception as e:  # this generation failed here; report it and go back to idle
+        traceback.print_exc()
+        channel.send(Message(Kind.ERROR, data=f"{type(e).__name__}: {e}".encode()))
+
+
+def main(argv: list[str]) -> int:
+    cfg = json.loads(argv[0])
+    # Ctrl-C in a terminal reaches the whole process group; the coordinator handles it and stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=watch_parent, daemon=True, name="watch-parent").start()
+    # Pin first, so every thread started later (torch's pool, gloo's) inherits the cores.
+    apply_placement(Placement(cfg["device"], tuple(cfg["cores"]), cfg["threads"]))
+    store = dist.TCPStore(LOOPBACK, cfg["port"], 2, False, timeout=timedelta(seconds=cfg["startup_s"]))
+    try:
+        from ..pipeline import load_backend
+
+        model = ModelConfig(**cfg["model"])
+        backend = load_backend(cfg["folder"], model, cfg["device"], model.draft_vocab)
+    except Exception as e:
+        store.set("error", f"{type(e).__name__}: {e}")
+        return 1
+    store.set("ready", json.dumps({"vocab_size": backend.vocab_size}))
+    channel = Channel(make_group(store, 1, cfg["startup_s"]), peer=0, vocab_size=backend.vocab_size)
+    try:
+        serve(channel, backend)
+    except ChannelError as e:  # the coordinator went away or broke the protocol: nothing left to serve
+        print(f"specbranch draft worker: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

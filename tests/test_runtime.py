@@ -1,0 +1,279 @@
+"""The parallel runtime: the draft in its own process, the target here, over torch.distributed (gloo).
+
+Real multi-process tests on tiny models saved to a folder both processes load: the same tokens as
+the sequential runtime at T = 0 and the same tokens seed for seed at T > 0; one worker serving many
+generations; a worker killed (SIGKILL) or hung (SIGSTOP) mid-generation gives a clear error or, if
+asked, an ``ar`` fallback with the exact same output, and never leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_hf, perturbed, write_tiny_tokenizer
+
+from specbranch.config import GenerationConfig, ModelConfig, RuntimeConfig, SamplingConfig, SpeculationConfig
+from specbranch.errors import ConfigError, SpecBranchError, WorkerDiedError, WorkerTimeoutError
+from specbranch.pipeline import Pipeline
+from specbranch.runtime.placement import worker_placements
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux process tools")
+
+
+@pytest.fixture(scope="module")
+def close_pair(tmp_path_factory) -> ModelConfig:
+    """A tiny target and a perturbed copy as its draft (they mostly agree, so blocks are accepted
+    and branches are hit), saved with one tokenizer; run in fp64 so argmax ties cannot flip."""
+    root = tmp_path_factory.mktemp("close_pair")
+    target = make_tiny_hf("qwen2", seed=5, tie=True, vocab_size=300, num_hidden_layers=2)
+    for role, model in (("target", target), ("draft", perturbed(target, seed=6, scale=0.05))):
+        model.save_pretrained(root / role)
+        write_tiny_tokenizer(root / role)
+    # one thread: tiny models gain nothing from more, and a busy 2-core machine makes a second
+    # thread spin (the parallel runtime pins itself to one thread per worker anyway)
+    return ModelConfig(target=str(root / "target"), draft=str(root / "draft"), precision="fp64", max_len=512, threads=1)
+
+
+@pytest.fixture(scope="module")
+def sequential(close_pair):
+    return Pipeline(close_pair, progress=False)
+
+
+@pytest.fixture(scope="module")
+def parallel(close_pair):
+    with Pipeline(close_pair, progress=False, runtime=RuntimeConfig(runtime="parallel", worker_timeout=20)) as pipe:
+        yield pipe
+
+
+def children() -> set[int]:
+    """Live child processes of this one (from /proc)."""
+    pids = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        pids.update(int(p) for p in (task / "children").read_text().split())
+    return pids
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+PROMPTS = [[1, 2, 3], [7], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
+SPECS = [SpeculationConfig(gamma=4, branches=3, tau=0.12), SpeculationConfig(gamma=2, branches=2, tau=0.3),
+         SpeculationConfig(gamma=5, branches=1, tau=0.0)]
+
+
+def gen(pipe, prompt, n, engine, spec=None, sampling=None, **kw):
+    return pipe.generate(prompt, GenerationConfig(max_new_tokens=n, engine=engine), sampling, spec=spec, **kw)
+
+
+def test_parallel_equals_sequential_at_temperature_zero(sequential, parallel):
+    worker = parallel.worker.pid
+    assert parallel.worker.alive and worker in children()
+    hits = accepted = 0
+    for engine in ("pearl", "specbranch"):
+        for spec in SPECS:
+            for prompt in PROMPTS:
+                want = gen(sequential, prompt, 30, "ar").tokens
+                seq = gen(sequential, prompt, 30, engine, spec)
+                par = gen(parallel, prompt, 30, engine, spec)
+                assert seq.tokens == want and par.tokens == want, (engine, spec, prompt)
+                m, s = par.metrics, seq.metrics
+                # the same rounds happened, counted on either side of the process boundary
+                assert (m.num_drafts, m.num_accepted_tokens, m.num_branch_points, m.num_branch_hits) == (
+                    s.num_drafts, s.num_accepted_tokens, s.num_branch_points, s.num_branch_hits)
+                assert (m.draft_forwards, m.branch_forwards, m.target_forwards) == (
+                    s.draft_forwards, s.branch_forwards, s.target_forwards)
+                assert m.draft_busy_s > 0 and m.target_busy_s > 0
+                assert 0 <= m.target_idle_fraction < 1 and 0 <= m.draft_idle_fraction < 1
+                assert m.target_idle_s > 0 and m.draft_idle_s > 0
+                hits += m.num_branch_hits
+                accepted += m.num_accepted_tokens
+    assert hits > 0 and accepted > 0  # branches were taken and drafts accepted: the protocol was exercised
+    assert parallel.worker.pid == worker and parallel.worker.starts == 1  # one worker served them all
+    # sd has no parallel form: it runs here, loading the draft in this process on first use
+    assert gen(parallel, PROMPTS[0], 30, "sd").tokens == gen(sequential, PROMPTS[0], 30, "ar").tokens
+
+
+@pytest.mark.parametrize("draft_sampling", ["sample", "greedy"])  # rules C and B
+def test_parallel_equals_sequential_seed_for_seed(sequential, parallel, draft_sampling):
+    spec = SpeculationConfig(gamma=3, branches=3, tau=0.3, draft_sampling=draft_sampling)
+    outputs = set()
+    for seed in range(6):
+        sampling = SamplingConfig(temperature=1.0, top_p=0.95, seed=seed)
+        for engine in ("pearl", "specbranch"):
+            seq = gen(sequential, [5, 6, 7], 24, engine, spec, sampling)
+            par = gen(parallel, [5, 6, 7], 24, engine, spec, sampling)
+            assert par.tokens == seq.tokens, (seed, engine)
+            assert par.metrics.num_accepted_tokens == seq.metrics.num_accepted_tokens
+        outputs.add(tuple(seq.tokens))
+    assert len(outputs) > 3  # the seeds really drive the sampling
+
+
+def test_stops_anywhere_and_the_worker_stays_in_step(sequential, parallel):
+    """Stopping after any token (mid-block, mid-round) and an exception in a callback both leave
+    the worker ready for the next generation."""
+    spec = SpeculationConfig(gamma=4, branches=3, tau=0.12)
+    full = gen(sequential, [9, 9], 20, "ar").tokens
+    for n in (1, 2, 3, 5, 8):
+        assert gen(parallel, [9, 9], n, "specbranch", spec).tokens == full[:n]
+
+    def boom(tokens):
+        raise KeyError("callback failed")
+
+    with pytest.raises(KeyError):
+        gen(parallel, [9, 9], 20, "specbranch", spec, on_tokens=boom)
+    assert parallel.worker.state == "idle"
+    assert gen(parallel, [9, 9], 20, "specbranch", spec).tokens == full
+
+
+def test_default_placement_gives_each_worker_its_own_core(parallel):
+    cores = sorted(os.sched_getaffinity(0))
+    target, draft = worker_placements(RuntimeConfig(runtime="parallel"))
+    assert set(target.cores) | set(draft.cores) == set(cores)
+    if len(cores) >= 2:
+        assert not set(target.cores) & set(draft.cores)
+        assert os.sched_getaffinity(parallel.worker.pid) == set(draft.cores)
+    assert target.threads == len(target.cores) and draft.threads == len(draft.cores)
+    before = os.sched_getaffinity(0), torch.get_num_threads()
+    gen(parallel, [1], 3, "pearl")
+    assert (os.sched_getaffinity(0), torch.get_num_threads()) == before  # the caller's setup is restored
+
+
+def test_placement_flags_are_checked():
+    with pytest.raises(ConfigError, match="core number"):
+        RuntimeConfig(target_cores="0-x")
+    with pytest.raises(ConfigError, match="cuda:N"):
+        RuntimeConfig(draft_device="gpu0")
+    with pytest.raises(ConfigError, match="not available"):
+        worker_placements(RuntimeConfig(runtime="parallel", draft_cores="4096"))
+    target, draft = worker_placements(RuntimeConfig(runtime="parallel", target_cores="0", target_threads=3))
+    assert target.cores == (0,) and target.threads == 3
+    if len(os.sched_getaffinity(0)) > 1:
+        assert 0 not in draft.cores and draft.threads == len(draft.cores)
+
+
+def kill_after_first_round(pipe, sig):
+    fired = []
+
+    def on_tokens(tokens):
+        if not fired:
+            fired.append(pipe.worker.pid)
+            os.kill(pipe.worker.pid, sig)
+
+    return fired, on_tokens
+
+
+def test_killed_worker_raises_then_restarts(close_pair, sequential):
+    spec = SpeculationConfig(gamma=3, branches=2, tau=0.2)
+    with Pipeline(close_pair, progress=False, runtime=RuntimeConfig(runtime="parallel", worker_timeout=20)) as pipe:
+        fired, on_tokens = kill_after_first_round(pipe, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerDiedError, match="signal 9"):
+            gen(pipe, [3, 1, 4], 40, "specbranch", spec, on_tokens=on_tokens)
+        assert time.monotonic() - t0 < 10  # a dead peer is noticed at once, not after the timeout
+        assert gone(fired[0]) and fired[0] not in children()  # killed for good, and reaped
+        # the next generation starts a fresh worker and is exact again
+        want = gen(sequential, [3, 1, 4], 40, "ar").tokens
+        assert gen(pipe, [3, 1, 4], 40, "specbranch", spec).tokens == want
+        assert pipe.worker.starts == 2 and pipe.worker.pid != fired[0]
+        worker = pipe.worker.pid
+    assert gone(worker) and worker not in children()  # close() shut the worker down
+    with pytest.raises(SpecBranchError, match="closed"):
+        gen(pipe, [3, 1, 4], 4, "specbranch")
+    assert gen(pipe, [3, 1, 4], 4, "ar").tokens == want[:4]  # in-process engines still work
+
+
+def test_killed_worker_falls_back_to_ar(close_pair, sequential):
+    want = gen(sequential, [2, 7, 1, 8], 40, "ar").tokens
+    cfg = RuntimeConfig(runtime="parallel", worker_timeout=20, on_worker_failure="ar")
+    with Pipeline(close_pair, progress=False, runtime=cfg) as pipe:
+        fired, on_tokens = kill_after_first_round(pipe, signal.SIGKILL)
+        with pytest.warns(RuntimeWarning, match="finishing this generation with ar"):
+            got = gen(pipe, [2, 7, 1, 8], 40, "pearl", on_tokens=on_tokens)
+        assert got.tokens == want  # the fallback is exact too
+        assert gone(fired[0]) and fired[0] not in children()
+
+
+def test_hung_worker_times_out(close_pair):
+    cfg = RuntimeConfig(runtime="parallel", worker_timeout=1.5)
+    with Pipeline(close_pair, progress=False, runtime=cfg) as pipe:
+        fired, on_tokens = kill_after_first_round(pipe, signal.SIGSTOP)  # alive, but never answers
+        t0 = time.monotonic()
+        with pytest.raises(WorkerTimeoutError, match="did not answer within 1.5 s"):
+            gen(pipe, [1, 2], 40, "specbranch", on_tokens=on_tokens)
+        assert time.monotonic() - t0 < 8
+        assert gone(fired[0]) and fired[0] not in children()  # the stopped process was killed and reaped
+
+
+def test_cli_parallel_runtime_prints_the_same_text(close_pair):
+    def run(*extra):
+        args = ["generate", "def add(a, b):", "--target", close_pair.target, "--draft", close_pair.draft,
+                "--precision", "fp64", "--max-new-tokens", "16", "--no-chat-template", "--engine", "specbranch", *extra]
+        r = subprocess.run([sys.executable, "-m", "specbranch.cli", *args], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    seq, par = run(), run("--runtime", "parallel", "-q")
+    assert par.stdout == seq.stdout and par.stdout.strip()
+    assert "idle target" in par.stderr and "16 tokens" in par.stderr
+
+
+ORPHAN_SCRIPT = """
+import os, signal, sys
+from specbranch.config import ModelConfig, RuntimeConfig
+from specbranch.pipeline import Pipeline
+pipe = Pipeline(ModelConfig(target=sys.argv[1], draft=sys.argv[2], precision="fp64", threads=1), progress=False,
+                runtime=RuntimeConfig(runtime="parallel"))
+print(pipe.worker.pid, flush=True)
+if sys.argv[3] == "killed":
+    os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no finalizer: the worker must notice by itself
+"""
+
+
+@pytest.mark.parametrize("how", ["exits", "killed"])
+def test_worker_never_outlives_its_parent(close_pair, how):
+    r = subprocess.run([sys.executable, "-c", ORPHAN_SCRIPT, close_pair.target, close_pair.draft, how],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == (0 if how == "exits" else -signal.SIGKILL), r.stderr
+    worker = int(r.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while not gone(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gone(worker)
+
+
+def test_hrad_drafting_is_the_same_in_both_runtimes(sequential, parallel, close_pair, tmp_path):
+    """The H-RAD class is decided on the target side and travels in the verdict (keep, force-branch):
+    with an arbitrary predictor, the parallel runtime still follows the sequential one round for round."""
+    from test_engines import random_predictor
+    from transformers import AutoModelForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(close_pair.target)
+    pred = random_predictor(target)
+    pred.cfg = type(pred.cfg)(**{**pred.cfg.__dict__, "target": close_pair.target, "draft": close_pair.draft})
+    pred.save(tmp_path / "hrad")
+    for drafting in ("hybrid", "hrad"):
+        spec = SpeculationConfig(gamma=4, branches=3, tau=0.3, drafting=drafting, hrad_predictor=str(tmp_path / "hrad"))
+        for prompt in PROMPTS:
+            want = gen(sequential, prompt, 30, "ar").tokens
+            seq = gen(sequential, prompt, 30, "specbranch", spec)
+            par = gen(parallel, prompt, 30, "specbranch", spec)
+            assert seq.tokens == want and par.tokens == want, (drafting, prompt)
+            assert (par.metrics.num_drafts, par.metrics.draft_forwards, par.metrics.branch_forwards) == (
+                seq.metrics.num_drafts, seq.metrics.draft_forwards, seq.metrics.branch_forwards)
+    pred.cfg = type(pred.cfg)(**{**pred.cfg.__dict__, "draft": "another-draft"})
+    pred.save(tmp_path / "other")
+    with pytest.raises(ConfigError, match="trained for target"):
+        gen(sequential, PROMPTS[0], 5, "specbranch", SpeculationConfig(drafting="hybrid",
+                                                                        hrad_predictor=str(tmp_path / "other")))
