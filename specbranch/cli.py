@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--" + name, default=model_field.default, help=model_field.metadata["help"] + " (default: %(default)s)")
     c.set_defaults(func=cmd_train_hrad)
     f = hs.add_parser("fit", help="train the predictor on collected traces and save it (safetensors + JSON)")
-    f.add_argument("--traces", default="traces/hrad", help="trace folder from `collect` (default: %(default)s)")
+    f.add_argument("--traces", default="traces/hrad", help="comma-separated trace folders from `collect` (default: %(default)s)")
     f.add_argument("--out", default="", help="predictor path without suffix (default: the file shipped for the "
                    "pair inside the package, loaded automatically for it)")
     f.add_argument("--epochs", type=int, default=200, help="most epochs; early stopping usually ends sooner "

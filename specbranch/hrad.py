@@ -38,7 +38,7 @@ class HRADConfig:
     hidden_size: int  # the target's hidden size H
     num_layers: int = 4  # last N layers of the target whose hidden states are concatenated
     gamma: int = 4  # draft length the labels were bucketed for (blocks of gamma - 1 pending tokens)
-    widths: tuple[int, ...] = (128, 64)
+    widths: tuple[int, ...] = (96, 64)  # (N+1)*H -> 96 -> 64 -> 3: about 1.5 MB in fp16 for H = 1536
     target: str = ""  # the model pair this predictor was trained on (registry name or folder name)
     draft: str = ""
 
@@ -91,19 +91,17 @@ class HRADPredictor:
     # -- files ---------------------------------------------------------------------------------
     def save(self, path: str | Path) -> tuple[Path, Path]:
         """Write ``path.safetensors`` and ``path.json``."""
-        path = Path(path).with_suffix("")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        weights, meta = _files(path)
+        weights.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"net.{k}": v.detach().half().contiguous() for k, v in self.net.state_dict().items()}
         tensors.update(mean=self.mean.contiguous(), std=self.std.contiguous())
-        weights, meta = path.with_suffix(".safetensors"), path.with_suffix(".json")
         save_file(tensors, str(weights))
         meta.write_text(json.dumps(asdict(self.cfg), indent=1) + "\n")
         return weights, meta
 
     @classmethod
     def load(cls, path: str | Path) -> "HRADPredictor":
-        path = Path(path).with_suffix("")
-        weights, meta = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        weights, meta = _files(path)
         if not weights.is_file() or not meta.is_file():
             raise ModelError(f"H-RAD predictor {path}: need both {weights.name} and {meta.name}")
         raw = json.loads(meta.read_text())
@@ -124,6 +122,15 @@ class HRADPredictor:
             )
 
 
+def _files(path: str | Path) -> tuple[Path, Path]:
+    """``x`` or ``x.safetensors`` or ``x.json`` -> (``x.safetensors``, ``x.json``). Names are handled
+    as strings: model names like ``qwen2.5-coder`` contain dots that are not suffixes."""
+    name = str(path)
+    for ext in (".safetensors", ".json"):
+        name = name.removesuffix(ext)
+    return Path(name + ".safetensors"), Path(name + ".json")
+
+
 def shipped_path(target: str, draft: str) -> Path:
     return SHIPPED / f"hrad-{target}--{draft}"
 
@@ -133,7 +140,7 @@ def find_shipped(target: str, draft: str) -> HRADPredictor | None:
     if any(c in target + draft for c in "/\\"):
         return None
     path = shipped_path(target, draft)
-    return HRADPredictor.load(path) if path.with_suffix(".json").is_file() else None
+    return HRADPredictor.load(path) if _files(path)[1].is_file() else None
 
 
 # ---------------------------------------------------------------- training

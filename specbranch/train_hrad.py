@@ -71,14 +71,24 @@ def collect(models: ModelConfig, prompt_files: list[str], out: Path, num_prompts
     return {"rounds": sum(counts), "class_counts": counts, "sets": sets}
 
 
-def fit_traces(traces: Path, out: Path | None, epochs: int, seed: int, progress: bool = True) -> tuple[str, Path]:
-    x, y, meta = load_traces(traces)
-    cfg = HRADConfig(meta["hidden_size"], meta["num_layers"], meta["gamma"], tuple(meta.get("widths", (128, 64))),
+def fit_traces(traces: list[Path], out: Path | None, epochs: int, seed: int, progress: bool = True) -> tuple[str, Path]:
+    """Train on one or more trace folders (they must come from the same pair and settings)."""
+    loaded = [load_traces(t) for t in traces]
+    meta = loaded[0][2]
+    keys = ("hidden_size", "num_layers", "gamma", "target", "draft")
+    for _, _, other in loaded[1:]:
+        if any(other[k] != meta[k] for k in keys):
+            raise ConfigError(f"trace folders disagree on {[k for k in keys if other[k] != meta[k]]}: "
+                              "train on traces of one pair and one setting")
+    x = torch.cat([t[0] for t in loaded])
+    y = torch.cat([t[1] for t in loaded])
+    meta["sets"] = [s for _, _, m in loaded for s in m.get("sets", [])]
+    cfg = HRADConfig(meta["hidden_size"], meta["num_layers"], meta["gamma"], HRADConfig.widths,
                      meta["target"], meta["draft"])
     pred, report = fit(x, y, cfg, epochs=epochs, seed=seed, progress=progress)
     path = out or shipped_path(cfg.target, cfg.draft)
     weights, _ = pred.save(path)
-    (Path(weights).with_suffix(".report.json")).write_text(json.dumps(asdict(report) | {"traces": meta.get("sets")},
+    Path(str(weights).removesuffix(".safetensors") + ".report.json").write_text(json.dumps(asdict(report) | {"traces": meta.get("sets")},
                                                                       indent=1) + "\n")
     return report.text(), weights
 
@@ -93,7 +103,8 @@ def main(args) -> int:
         )
         print(json.dumps(summary, indent=1))
         return 0
-    text, path = fit_traces(Path(args.traces), Path(args.out) if args.out else None, args.epochs, args.seed)
+    folders = [Path(t) for t in args.traces.split(",") if t]
+    text, path = fit_traces(folders, Path(args.out) if args.out else None, args.epochs, args.seed)
     print(text)
     print(f"saved {path} (+ .json, .report.json)", file=sys.stderr)
     return 0

@@ -111,3 +111,19 @@ def assert_matches(counts: Counter, expected: dict, draws: int, alpha: float = 1
     cells = [c for c, e in expected.items() if e > 0]
     stat = sum((counts.get(c, 0) - draws * expected[c]) ** 2 / (draws * expected[c]) for c in cells)
     assert len(cells) == 1 or chi2_pvalue(stat, len(cells) - 1) > alpha, (stat, len(cells) - 1)
+
+
+@pytest.fixture(scope="session")
+def close_pair(tmp_path_factory):
+    """A tiny target and a perturbed copy as its draft (they mostly agree, so blocks are accepted
+    and branches are hit), saved with one tokenizer; run in fp64 so argmax ties cannot flip."""
+    from specbranch.config import ModelConfig
+
+    root = tmp_path_factory.mktemp("close_pair")
+    target = make_tiny_hf("qwen2", seed=5, tie=True, vocab_size=300, num_hidden_layers=2)
+    for role, model in (("target", target), ("draft", perturbed(target, seed=6, scale=0.05))):
+        model.save_pretrained(root / role)
+        write_tiny_tokenizer(root / role)
+    # one thread: tiny models gain nothing from more, and a busy 2-core machine makes a second
+    # thread spin (the parallel runtime pins itself to one thread per worker anyway)
+    return ModelConfig(target=str(root / "target"), draft=str(root / "draft"), precision="fp64", max_len=512, threads=1)

@@ -55,3 +55,33 @@ def test_traces_round_trip_and_errors(tmp_path):
     cfg = HRADConfig(hidden_size=3, num_layers=1)
     with pytest.raises(ConfigError, match="collect more"):
         fit(x[:10], y[:10], cfg, progress=False)
+
+
+def test_collect_fit_and_use_on_the_tiny_pair(close_pair, tmp_path, capsys):
+    """The whole pipeline through the CLI: traces -> predictor files -> generation with it, which
+    equals ar's output; HumanEval is refused as a trace source."""
+    import json
+
+    from specbranch.cli import main
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"def f{i}(x):"}) + "\n" for i in range(12)))
+    pair = ["--target", close_pair.target, "--draft", close_pair.draft, "--precision", "fp64"]
+    traces = tmp_path / "traces"
+    assert main(["train-hrad", "collect", "--prompts", str(prompts), "--num-prompts", "12", "--max-new-tokens", "40",
+                 "--layers", "2", "--tau", "0.2", "--out", str(traces), *pair]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rounds"] >= 20 and sum(summary["class_counts"]) == summary["rounds"]
+    out = tmp_path / "pred"
+    assert main(["train-hrad", "fit", "--traces", str(traces), "--out", str(out), "--epochs", "20"]) == 0
+    assert "held-out accuracy" in capsys.readouterr().out
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["target"] == close_pair.target and meta["num_layers"] == 2
+    assert out.with_suffix(".safetensors").stat().st_size < 2_000_000
+    base = ["generate", "def add(a, b):", "--no-chat-template", "--max-new-tokens", "20", "-q", *pair]
+    assert main(base + ["--engine", "ar"]) == 0
+    want = capsys.readouterr().out
+    assert main(base + ["--engine", "specbranch", "--drafting", "hybrid", "--hrad-predictor", str(out)]) == 0
+    assert capsys.readouterr().out == want
+    assert main(["train-hrad", "collect", "--prompts", "humaneval", "--out", str(tmp_path / "x"), *pair]) == 2
+    assert "evaluation set" in capsys.readouterr().err

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_hf, perturbed, write_tiny_tokenizer
 
 from specbranch.config import GenerationConfig, ModelConfig, RuntimeConfig, SamplingConfig, SpeculationConfig
 from specbranch.errors import ConfigError, SpecBranchError, WorkerDiedError, WorkerTimeoutError
@@ -25,20 +24,6 @@ from specbranch.pipeline import Pipeline
 from specbranch.runtime.placement import worker_placements
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="Linux process tools")
-
-
-@pytest.fixture(scope="module")
-def close_pair(tmp_path_factory) -> ModelConfig:
-    """A tiny target and a perturbed copy as its draft (they mostly agree, so blocks are accepted
-    and branches are hit), saved with one tokenizer; run in fp64 so argmax ties cannot flip."""
-    root = tmp_path_factory.mktemp("close_pair")
-    target = make_tiny_hf("qwen2", seed=5, tie=True, vocab_size=300, num_hidden_layers=2)
-    for role, model in (("target", target), ("draft", perturbed(target, seed=6, scale=0.05))):
-        model.save_pretrained(root / role)
-        write_tiny_tokenizer(root / role)
-    # one thread: tiny models gain nothing from more, and a busy 2-core machine makes a second
-    # thread spin (the parallel runtime pins itself to one thread per worker anyway)
-    return ModelConfig(target=str(root / "target"), draft=str(root / "draft"), precision="fp64", max_len=512, threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,11 @@ def ar_speed(model: LoadedModel, pipe: Pipeline, prompts: list[str], tokens: int
                          SamplingConfig(), eos_ids=())
             times.append(r.metrics.decode_time_s / r.metrics.new_tokens)
     ms = statistics.median(times) * 1e3
-    gb = weight_bytes_per_token(model) / 1e9
+    if not hasattr(model.backend, "decoder"):  # transformers backend: count its parameters' bytes
+        params = model.backend.model.parameters()
+        gb = sum(p.numel() * p.element_size() for p in params) / 1e9
+    else:
+        gb = weight_bytes_per_token(model) / 1e9
     return Speed(model.name, ms, 1e3 / ms, gb, gb * 1e9 / bw * 1e3)
 
 
