@@ -119,7 +119,7 @@ class SpeculationConfig:
     drafting: str = _help(
         "specbranch: who ends a drafted block. confidence: the draft's top-1 <= tau; fixed: always gamma-1 "
         "tokens; hrad: the H-RAD classifier on target features; hybrid: H-RAD with the confidence cut for "
-        "uncertain rounds; auto: hybrid when a predictor exists for the model pair, else confidence",
+        "uncertain rounds; auto: confidence (the shipped H-RAD predictor measured slower, see README)",
         default="auto",
         choices=("auto", *DRAFTING),
     )
