@@ -126,11 +126,7 @@ def plots(result: BenchResult, aggs: list[Aggregate], out: Path) -> list[Path]:
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xticks([x + width * (len(engines) - 1) / 2 for x in range(len(datasets))], datasets)
     ax.set_ylabel("speedup vs ar (median)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out / "speedup.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, ax, out / "speedup.png"))
 
     lengths: dict[str, list[int]] = defaultdict(list)
     for r in result.runs:
@@ -144,12 +140,18 @@ def plots(result: BenchResult, aggs: list[Aggregate], out: Path) -> list[Path]:
             ax.hist(lengths[engine], bins=bins, alpha=0.5, label=engine, density=True)
         ax.set_xlabel("tokens committed per target forward")
         ax.set_ylabel("fraction of rounds")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        paths.append(out / "accepted_length.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save(fig, ax, out / "accepted_length.png"))
     return paths
+
+
+def _save(fig, ax, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_report(result: BenchResult, out: Path) -> tuple[str, list[Path]]:
