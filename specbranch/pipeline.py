@@ -29,6 +29,7 @@ from .errors import ConfigError, ModelError, SpecBranchError
 from .hrad import HRADPredictor, find_shipped
 from .models.linear import subset_head
 from .models.tokenizer import Tokenizer
+from .policy import resolve_drafting
 
 
 class LoadedModel:
@@ -198,11 +199,8 @@ class Pipeline:
         return cls(self.target.backend, self.draft.backend, spec, predictor=predictor)
 
     def speculation(self, spec: SpeculationConfig | None) -> tuple[SpeculationConfig, HRADPredictor | None]:
-        """Resolve ``drafting=auto`` and load the predictor the drafting mode needs (once per file).
-
-        ``auto`` is the confidence cut: on the default pair the shipped H-RAD predictor measured slower
-        (hybrid 0.90x ar vs confidence 1.30x, 10 HumanEval prompts, parallel runtime): its reject-soon
-        class fires too often. It stays one flag away (``--drafting hybrid``)."""
+        """Resolve ``drafting=auto`` (:func:`~.policy.resolve_drafting`) and load the predictor the
+        drafting mode needs (once per file)."""
         spec = spec or SpeculationConfig()
         predictor = None
         if spec.drafting in ("hrad", "hybrid"):
@@ -215,7 +213,7 @@ class Pipeline:
             predictor = self._predictors[key]
             if predictor is not None:
                 predictor.check_pair(self.target.name, self.draft.name, self.target_hidden_size)
-        drafting = "confidence" if spec.drafting == "auto" else spec.drafting
+        drafting = resolve_drafting(spec.drafting)
         if drafting in ("hrad", "hybrid") and predictor is None:
             raise ConfigError(f"drafting {drafting!r} needs an H-RAD predictor and none is shipped for "
                               f"{self.target.name} + {self.draft.name}: train one (`specbranch train-hrad`) and "

@@ -42,8 +42,7 @@ def collect(models: ModelConfig, prompt_files: list[str], out: Path, num_prompts
     if any(f.lower() == "humaneval" for f in prompt_files):
         raise ConfigError("HumanEval is an evaluation set: collect H-RAD traces on other prompts")
     pipe = Pipeline(models, progress=progress)
-    hidden = json.loads((pipe.target.folder / "config.json").read_text())["hidden_size"]
-    cfg = HRADConfig(hidden, num_layers, spec.gamma, target=models.target, draft=models.draft)
+    cfg = HRADConfig(pipe.target_hidden_size, num_layers, spec.gamma, target=models.target, draft=models.draft)
     spec = SpeculationConfig(gamma=spec.gamma, branches=spec.branches, tau=spec.tau, drafting="fixed")
     engine = SpecBranchEngine(pipe.target.backend, pipe.draft.backend, spec)
     traces = engine.target_side.record_traces(cfg)

@@ -37,7 +37,7 @@ from ..config import SamplingConfig, SpeculationConfig
 from ..metrics import Metrics
 from ..hrad import HRADConfig, HRADPredictor, bucket
 from ..hrad import features as hrad_features
-from ..policy import DraftPolicy, top1_confidence
+from ..policy import DraftPolicy, resolve_drafting, top1_confidence
 from ..sampling import draft_generator
 from .base import Engine
 from .speculative import Position, Side
@@ -52,10 +52,6 @@ class Branches:
     point: Position
     blocks: list[list[Position]]
     ends: list[list[torch.Tensor]]
-
-    def size(self, b: int) -> int:
-        """Tokens of branch ``b``: its candidate plus its block."""
-        return 1 + len(self.blocks[b])
 
 
 @dataclass
@@ -92,12 +88,10 @@ class Verdict:
 
 
 def draft_policy(engine: str, spec: SpeculationConfig) -> DraftPolicy:
-    """The draft policy an engine name implies: PEARL never forks and never cuts. ``spec.drafting``
-    must be resolved (not ``auto``): see :meth:`specbranch.pipeline.Pipeline.engine`."""
+    """The draft policy an engine name implies: PEARL never forks and never cuts."""
     if engine == "pearl":
         return DraftPolicy(spec.gamma, branches=1, tau=0.0)
-    mode = "confidence" if spec.drafting == "auto" else spec.drafting
-    return DraftPolicy(spec.gamma, spec.branches, spec.tau, mode)
+    return DraftPolicy(spec.gamma, spec.branches, spec.tau, resolve_drafting(spec.drafting))
 
 
 class DraftSide(Side):
