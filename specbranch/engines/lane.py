@@ -15,6 +15,7 @@ import torch
 
 from ..backend import Backend
 from ..metrics import Metrics
+from ..profiling import region
 
 
 class Lane:
@@ -116,7 +117,8 @@ class Lane:
 
     def _run(self, tokens: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = self.backend.forward(tokens, hidden_layers=self.hidden_layers, last_only=last_only)
+        with region(f"{self.role}.forward"):
+            out = self.backend.forward(tokens, hidden_layers=self.hidden_layers, last_only=last_only)
         if self.hidden_layers:
             self.last_hidden = out.hidden[:, 0, -1]  # [N, rows, t, H] -> [N, H] of row 0's last token
         logits = out.logits

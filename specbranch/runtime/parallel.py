@@ -34,6 +34,7 @@ from ..engines.specbranch import TargetSide, Verdict, draft_policy
 from ..hrad import HRADPredictor
 from ..errors import WorkerError
 from ..metrics import Metrics
+from ..profiling import region
 from .messages import StartRequest
 from .placement import Placement, apply_placement
 from .process import DraftWorker
@@ -84,13 +85,15 @@ class ParallelEngine(Engine):
                 self.held = None
             logits = self.target_side.target_round()
             t0 = time.perf_counter()
-            proposal, counters = self.worker.recv_proposal()
+            with region("target.wait"):
+                proposal, counters = self.worker.recv_proposal()
             m.target_idle_s += time.perf_counter() - t0  # waiting for the draft: the target's bubble
         except WorkerError as e:
             self._worker_failed(e)
             return self._ar_step()
         counters.add_to(m)
-        self.held = self.target_side.settle(proposal, logits)
+        with region("target.settle"):
+            self.held = self.target_side.settle(proposal, logits)
         return self.held.tokens
 
     def finish(self) -> None:

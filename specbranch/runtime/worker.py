@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ..config import ModelConfig
 from ..engines.specbranch import DraftSide, draft_policy
 from ..metrics import Metrics
+from ..profiling import profiled, region
 from ..sampling import draft_generator
 from .messages import (
     FOREVER,
@@ -72,21 +73,25 @@ def generation(channel: Channel, backend, start: Message) -> None:
     """One generation: draft, send the proposal, wait for the verdict, apply it, repeat until STOP."""
     metrics = Metrics()
     tracker = CounterTracker(metrics)
+    rounds = 0
     try:
         req = decode_start(start)
         side = DraftSide(backend, draft_policy(req.engine, req.spec), req.spec.draft_sampling)
-        side.start(req.prompt, req.sampling, draft_generator(req.sampling.seed), metrics)
-        while True:
-            channel.send(encode_proposal(side.draft_round(), tracker.take()))
-            t0 = time.perf_counter()
-            msg = channel.recv(FOREVER)
-            tracker.idle_s += time.perf_counter() - t0  # waiting for the target: the draft's bubble
-            if msg.kind == Kind.STOP:
-                channel.send(Message(Kind.DONE, extra=tracker.take().extra()))
-                return
-            if msg.kind != Kind.VERDICT:
-                raise ChannelError(f"protocol error: {msg.kind.name} during a generation")
-            side.apply(decode_verdict(msg))
+        with profiled("draft", lambda: rounds):
+            side.start(req.prompt, req.sampling, draft_generator(req.sampling.seed), metrics)
+            while True:
+                channel.send(encode_proposal(side.draft_round(), tracker.take()))
+                rounds += 1
+                t0 = time.perf_counter()
+                with region("draft.wait"):
+                    msg = channel.recv(FOREVER)
+                tracker.idle_s += time.perf_counter() - t0  # waiting for the target: the draft's bubble
+                if msg.kind == Kind.STOP:
+                    channel.send(Message(Kind.DONE, extra=tracker.take().extra()))
+                    return
+                if msg.kind != Kind.VERDICT:
+                    raise ChannelError(f"protocol error: {msg.kind.name} during a generation")
+                side.apply(decode_verdict(msg))
     except ChannelError:
         raise
     except Exception as e:  # this generation failed here; report it and go back to idle
