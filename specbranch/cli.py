@@ -76,7 +76,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         runtime = replace(runtime, runtime="sequential")
 
     from .pipeline import Pipeline
+    from .profiling import ENV, profiled
 
+    if args.profile:  # set before the pipeline starts the draft worker, which inherits it
+        os.environ[ENV] = str(Path(args.profile).resolve())
     with Pipeline(models, progress=not args.quiet, runtime=runtime) as pipe:
         err = sys.stderr
         if not args.quiet:
@@ -88,8 +91,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        result = pipe.generate(prompt, gen, sampling, on_text=show, spec=spec)
+        role = "target" if runtime.runtime == "parallel" else "sequential"
+        with profiled(role, lambda: result.metrics.target_forwards - 1):  # minus the prefill
+            result = pipe.generate(prompt, gen, sampling, on_text=show, spec=spec)
     sys.stdout.write("\n")
+    if args.profile:
+        print(f"[operator profiles written to {args.profile}/: {role}.txt"
+              + (", draft.txt" if role == "target" else "") + "]", file=sys.stderr)
     print(f"[{gen.engine}] {result.metrics.line()} | finish: {result.finish_reason}", file=err)
     return 0
 
@@ -149,6 +157,25 @@ def cmd_train_hrad(args: argparse.Namespace) -> int:
     return train_main(args)
 
 
+def cmd_rank_vocab(args: argparse.Namespace) -> int:
+    from .pipeline import resolve
+    from .models.tokenizer import Tokenizer
+    from . import vocab
+
+    tok = Tokenizer(resolve(args.model))
+    paths = args.paths or vocab.default_corpus()
+    counts = vocab.count_tokens(tok, vocab.corpus_files(paths), progress=not args.quiet)
+    corpus = args.corpus_name or ", ".join(map(str, paths))
+    out = vocab.save_ranking(args.out or vocab.SHIPPED / f"token-ranks-{vocab.fingerprint(tok)[:12]}", counts, tok, corpus)
+    seen = int((counts > 0).sum())
+    print(f"{int(counts.sum()):,} tokens counted, {seen:,} distinct of {tok.vocab_size:,}; ranking saved to {out}")
+    for n in (8192, 16384, 32768, 65536):
+        if n < seen:
+            share = counts.sort(descending=True).values[:n].sum() / counts.sum()
+            print(f"  top {n:>6,} tokens cover {share:.2%} of the corpus")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import registry
 
@@ -172,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", help="the prompt text; '-' or omitted reads standard input")
     g.add_argument("-f", "--file", help="read the prompt from this file")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or load message")
+    g.add_argument("--profile", metavar="DIR", default="", help="write a torch profiler table per worker to DIR "
+                   "(target.txt and draft.txt in the parallel runtime, sequential.txt otherwise): operators and "
+                   "the phases of a round (forward, settle, wait)")
     for cls in (GenerationConfig, SamplingConfig, SpeculationConfig, ModelConfig, RuntimeConfig):
         add_config_flags(g, cls)
     g.set_defaults(func=cmd_generate)
@@ -224,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     f.add_argument("--seed", type=int, default=0, help="seed of the split and the initialisation (default: %(default)s)")
     f.set_defaults(func=cmd_train_hrad)
+
+    v = sub.add_parser("rank-vocab", help="count token frequencies over a corpus: the ranking --draft-vocab uses")
+    v.add_argument("paths", nargs="*", help="files or folders (.py/.md/.rst/.txt searched recursively) to count "
+                   "over (default: this Python's standard library)")
+    v.add_argument("--model", default=ModelConfig.draft, help="model whose tokenizer counts (default: %(default)s)")
+    v.add_argument("--out", default="", help="output .safetensors (default: the ranking shipped inside the package "
+                   "for this tokenizer, found automatically by --draft-vocab)")
+    v.add_argument("--corpus-name", default="", help="description of the corpus stored in the file (default: the paths)")
+    v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    v.set_defaults(func=cmd_rank_vocab)
 
     m = sub.add_parser("models", help="list the default models or prepare (assemble + convert) them")
     m.add_argument("action", nargs="?", choices=["list", "prepare"], default="list",

@@ -30,6 +30,7 @@ from .hrad import HRADPredictor, find_shipped
 from .models.linear import subset_head
 from .models.tokenizer import Tokenizer
 from .policy import resolve_drafting
+from .vocab import auto_size, draft_vocab_ids
 
 
 class LoadedModel:
@@ -66,8 +67,9 @@ def resolve(spec: str, progress: bool = True) -> Path:
 
 def load_backend(folder: Path, cfg: ModelConfig, device: str = "cpu", vocab_subset: int = 0) -> Backend:
     """The model in a converted folder, on ``device``, behind the Backend protocol. ``vocab_subset > 0``
-    restricts the LM head to that many of the most frequent tokens plus the special ones (drafts only:
-    see :class:`~.models.linear.VocabSubsetHead`)."""
+    restricts the LM head to that many of the most frequent tokens plus the special ones, -1 picks
+    the size automatically (drafts only: see :class:`~.models.linear.VocabSubsetHead` and
+    :func:`specbranch.vocab.auto_size`)."""
     if device != "cpu" and cfg.precision == "int8":
         raise ConfigError(f"int8 weights run on the CPU only (FBGEMM): use --precision bf16 or fp32 on {device}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -82,9 +84,12 @@ def load_backend(folder: Path, cfg: ModelConfig, device: str = "cpu", vocab_subs
     from .models.loader import load_decoder
 
     decoder = load_decoder(folder, cfg.precision).to(device)
+    if vocab_subset:
+        tok = Tokenizer(folder)
+        vocab_subset = auto_size(tok, vocab_subset, cfg.draft_vocab_ranks)
     if 0 < vocab_subset < decoder.cfg.vocab_size:
-        ids = torch.tensor(sorted(set(range(vocab_subset)) | set(Tokenizer(folder).special_ids)))
-        decoder.lm_head = subset_head(decoder.lm_head, ids[ids < decoder.cfg.vocab_size], decoder.cfg.vocab_size)
+        ids = draft_vocab_ids(tok, vocab_subset, decoder.cfg.vocab_size, cfg.draft_vocab_ranks)
+        decoder.lm_head = subset_head(decoder.lm_head, ids, decoder.cfg.vocab_size)
     return NativeBackend(decoder, max_len=cfg.max_len)
 
 

@@ -68,3 +68,18 @@ def test_incompatible_vocabularies_are_refused(tiny_pair, tmp_path, capsys):
     # a draft given explicitly is loaded and checked even for ar
     err = capsys.readouterr().err
     assert code == 2 and "vocabular" in err
+
+
+def test_profile_writes_one_table_per_worker(tiny_pair, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPECBRANCH_PROFILE", "")  # main() sets it; monkeypatch removes it afterwards
+    out = tmp_path / "prof"
+    args = [*tiny_args(tiny_pair, "def add(a, b):", "--max-new-tokens", "12", "--no-chat-template", "--precision",
+                       "fp32", "--engine", "specbranch", "--runtime", "parallel", "--profile", str(out))]
+    assert main(args) == 0
+    target, draft = (out / "target.txt").read_text(), (out / "draft.txt").read_text()
+    assert "rounds" in target.splitlines()[0] and "rounds" in draft.splitlines()[0]
+    for needle in ("target.forward", "target.settle", "target.wait"):
+        assert needle in target
+    for needle in ("draft.forward", "draft.wait"):
+        assert needle in draft
+    assert "operator profiles written" in capsys.readouterr().err

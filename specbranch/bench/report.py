@@ -13,6 +13,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import SpeculationConfig
+from ..vocab import AUTO_SIZE
 from .runner import BenchResult, Run
 
 
@@ -31,6 +33,16 @@ class Aggregate:
     draft_idle: float | None
     mismatches: int | None  # T = 0: runs whose tokens differ from ar's
     pass_at_1: float | None
+
+
+def speculation_line(config: dict) -> str:
+    """The settings that shape speed (never output): γ per engine, k, τ, drafting, draft vocabulary."""
+    sp = SpeculationConfig(**config.get("speculation", {}))
+    vocab = config.get("models", {}).get("draft_vocab", 0)
+    vocab = {-1: f"auto ({AUTO_SIZE} ranked tokens if a ranking ships for the draft's tokenizer)",
+             0: "full"}.get(vocab, str(vocab))
+    gammas = ", ".join(f"{e} {sp.gamma_for(e)}" for e in ("sd", "pearl", "specbranch"))
+    return (f"γ {gammas}; k {sp.branches}, τ {sp.tau}, drafting {sp.drafting}; draft vocabulary {vocab}")
 
 
 def _pooled(runs: list[Run], num: str, den: str) -> float:
@@ -88,6 +100,7 @@ def markdown(result: BenchResult, aggs: list[Aggregate]) -> str:
         f"{b['repeats']} repeat(s), engines interleaved per prompt; models {result.config['models']['target']} / "
         f"{result.config['models']['draft']} at {result.config['models']['precision']}, "
         f"{result.config.get('runtime', {}).get('runtime', 'sequential')} runtime for pearl/specbranch; "
+        f"{speculation_line(result.config)}; "
         f"torch {env['torch']}, {env['cpu_count']} CPUs, commit {env['git_commit']}, {env['time']}.",
         "",
         "| dataset | engine | tok/s (median) | speedup vs ar | mean accepted length | acceptance | rollback "

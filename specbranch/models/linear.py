@@ -13,6 +13,8 @@ rows are computed together; the row scale is multiplied back afterwards.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -67,9 +69,11 @@ class Int8Linear:
     def pack(self) -> "Int8Linear":
         if self.packed is None:
             n = self.out_features
-            qw = torch._make_per_channel_quantized_tensor(
-                self.qweight, self.scale.double(), torch.zeros(n, dtype=torch.long), 0
-            )
+            with warnings.catch_warnings():  # quantized tensors are deprecated, but FBGEMM's prepack needs one
+                warnings.simplefilter("ignore", UserWarning)
+                qw = torch._make_per_channel_quantized_tensor(
+                    self.qweight, self.scale.double(), torch.zeros(n, dtype=torch.long), 0
+                )
             self.packed = torch.ops.quantized.linear_prepack(qw, None)
         return self
 
