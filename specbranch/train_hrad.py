@@ -42,8 +42,9 @@ def collect(models: ModelConfig, prompt_files: list[str], out: Path, num_prompts
     if any(f.lower() == "humaneval" for f in prompt_files):
         raise ConfigError("HumanEval is an evaluation set: collect H-RAD traces on other prompts")
     pipe = Pipeline(models, progress=progress)
-    cfg = HRADConfig(pipe.target_hidden_size, num_layers, spec.gamma, target=models.target, draft=models.draft)
-    spec = SpeculationConfig(gamma=spec.gamma, branches=spec.branches, tau=spec.tau, drafting="fixed")
+    gamma = spec.gamma_for("specbranch")
+    cfg = HRADConfig(pipe.target_hidden_size, num_layers, gamma, target=models.target, draft=models.draft)
+    spec = SpeculationConfig(gamma=gamma, branches=spec.branches, tau=spec.tau, drafting="fixed")
     engine = SpecBranchEngine(pipe.target.backend, pipe.draft.backend, spec)
     traces = engine.target_side.record_traces(cfg)
     gen = GenerationConfig(max_new_tokens=max_new_tokens, engine="specbranch")

@@ -20,9 +20,10 @@ class SDEngine(SpeculativeEngine):
         """Draft worker: γ chain tokens after the committed text."""
         logits = self.draft.feed(self.committed)[0]  # [V]: q at the first new position
         block: list[Position] = []
-        for i in range(self.spec.gamma):
+        gamma = self.spec.gamma_for("sd")
+        for i in range(gamma):
             block.append(self.speculator.candidates(logits, 1))
-            if i + 1 < self.spec.gamma:  # the last token is fed next round, if it survives
+            if i + 1 < gamma:  # the last token is fed next round, if it survives
                 logits = self.draft.feed_rows(block[-1].candidates)[0]
         return block
 

@@ -90,8 +90,8 @@ class Verdict:
 def draft_policy(engine: str, spec: SpeculationConfig) -> DraftPolicy:
     """The draft policy an engine name implies: PEARL never forks and never cuts."""
     if engine == "pearl":
-        return DraftPolicy(spec.gamma, branches=1, tau=0.0)
-    return DraftPolicy(spec.gamma, spec.branches, spec.tau, resolve_drafting(spec.drafting))
+        return DraftPolicy(spec.gamma_for(engine), branches=1, tau=0.0)
+    return DraftPolicy(spec.gamma_for(engine), spec.branches, spec.tau, resolve_drafting(spec.drafting))
 
 
 class DraftSide(Side):
