@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from specbranch.errors import ConfigError
-from specbranch.hrad import HRADConfig, HRADPredictor, bucket, fit, load_traces, save_traces
+from specbranch.hrad import HRADConfig, HRADPredictor, bucket, calibrate, decide, fit, load_traces, save_traces
 
 
 def test_bucket_edges_follow_gamma():
@@ -85,3 +87,29 @@ def test_collect_fit_and_use_on_the_tiny_pair(close_pair, tmp_path, capsys):
     assert capsys.readouterr().out == want
     assert main(["train-hrad", "collect", "--prompts", "humaneval", "--out", str(tmp_path / "x"), *pair]) == 2
     assert "evaluation set" in capsys.readouterr().err
+
+
+def test_calibrate_maximises_the_net_gain_of_each_class():
+    # reject-soon probabilities, best first; label 0 = reject-soon was right
+    p0 = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
+    y = torch.tensor([0, 0, 2, 0, 0, 1, 2, 2])
+    probs = torch.stack([p0, torch.zeros(8), 1 - p0], dim=1)
+    # cost 1: net gain from the top 1, 2, 1, 2, 3, 2, 1, 0 -> fire down to 0.5
+    reject, accept = calibrate(probs, y, reject_cost=1.0)
+    assert reject == pytest.approx(0.5)
+    decided = decide(probs, reject, accept)
+    assert decided.tolist()[:5] == [0] * 5 and 0 not in decided.tolist()[5:]
+    # accept-all among the rest (p2 = .6, .7, .8 for labels 1, 2, 2): gains 1, 2, 1 -> fire down to .7
+    assert accept == pytest.approx(0.7)
+    # a false alarm costing 3 right calls: 1, 2, -1, 0, 1, ... -> only the top two pay
+    assert calibrate(probs, y, reject_cost=3.0)[0] == pytest.approx(0.8)
+    # a class that never pays is switched off
+    assert calibrate(probs, torch.full((8,), 2))[0] > 1
+
+
+def test_predict_follows_the_thresholds():
+    cfg = HRADConfig(hidden_size=3, num_layers=1, widths=(4,))
+    x = torch.randn(cfg.in_features)
+    assert HRADPredictor(replace(cfg, reject_threshold=1.01, accept_threshold=1.01)).predict(x) == 1
+    assert HRADPredictor(replace(cfg, reject_threshold=0.0)).predict(x) == 0
+    assert HRADPredictor(replace(cfg, reject_threshold=1.01, accept_threshold=0.0)).predict(x) == 2
