@@ -82,3 +82,17 @@ def test_bench_on_the_tiny_pair(tiny_pair, tmp_path):
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(saved["runs"]) == 32 and len(saved["aggregates"]) == 8
     assert [p.name for p in plots] == ["speedup.png", "accepted_length.png"] and all(p.stat().st_size > 1000 for p in plots)
+
+
+def test_roofline_counts_only_the_rows_a_reduced_draft_head_reads(tiny_pair):
+    from specbranch.bench.roofline import roofline, weight_bytes_per_token
+    from specbranch.pipeline import load_model
+
+    full, reduced = (load_model(str(tiny_pair["draft"]), ModelConfig(draft_vocab=n), progress=False, vocab_subset=n)
+                     for n in (0, 20))
+    head = full.backend.decoder.lm_head
+    saved = (head.out_features - len(reduced.backend.decoder.lm_head.ids)) * head.qweight.shape[1]
+    assert weight_bytes_per_token(full) - weight_bytes_per_token(reduced) >= saved > 0
+    lines = roofline(ModelConfig(target=str(tiny_pair["target"]), draft=str(tiny_pair["draft"]), draft_vocab=20),
+                     num_prompts=1, tokens=4)
+    assert "bandwidth bound" in lines[-2] and lines[-1].startswith("draft/target per-token cost")

@@ -75,7 +75,9 @@ def aggregate(result: BenchResult) -> list[Aggregate]:
             mean_accepted_length=sum(r.metrics["new_tokens"] for r in runs) / forwards if native and forwards else float("nan"),
             acceptance_rate=_pooled(runs, "num_accepted_tokens", "num_draft_tokens"),
             rollback_rate=_pooled(runs, "rollback_tokens", "drafted_tokens"),
-            branch_hit_rate=_pooled(runs, "num_branch_hits", "num_branch_points") if engine.startswith("specbranch") else None,
+            # None (shown as "–") where no branch point was ever reached, rather than a misleading 0%
+            branch_hit_rate=_pooled(runs, "num_branch_hits", "num_branch_points")
+            if any(r.metrics.get("num_branch_points") for r in runs) else None,
             target_idle=idle("target_idle_fraction"),
             draft_idle=idle("draft_idle_fraction"),
             mismatches=sum(not r.matches_ar for r in checked) if checked else None,

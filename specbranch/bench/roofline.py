@@ -38,6 +38,7 @@ def weight_bytes_per_token(model: LoadedModel) -> int:
     dec = model.backend.decoder
     total = dec.embed.shape[1] * dec.embed.element_size() + dec.norm.numel() * dec.norm.element_size()
     for lin in dec.linears().values():
+        lin = getattr(lin, "inner", lin)  # a reduced-vocabulary head reads only its subset's rows
         if isinstance(lin, Int8Linear):
             total += lin.qweight.numel() + lin.scale.numel() * 4 + (0 if lin.bias is None else lin.bias.numel() * 4)
         else:

@@ -87,11 +87,12 @@ def generation(channel: Channel, backend, start: Message) -> None:
                     msg = channel.recv(FOREVER)
                 tracker.idle_s += time.perf_counter() - t0  # waiting for the target: the draft's bubble
                 if msg.kind == Kind.STOP:
-                    channel.send(Message(Kind.DONE, extra=tracker.take().extra()))
-                    return
+                    break
                 if msg.kind != Kind.VERDICT:
                     raise ChannelError(f"protocol error: {msg.kind.name} during a generation")
                 side.apply(decode_verdict(msg))
+        # DONE only after the profile (if any) is written: the coordinator may shut us down next
+        channel.send(Message(Kind.DONE, extra=tracker.take().extra()))
     except ChannelError:
         raise
     except Exception as e:  # this generation failed here; report it and go back to idle
