@@ -1,4 +1,4 @@
-"""`specbranch` command line: generate, serve, models.
+"""`specbranch` command line: generate, bench, roofline, serve, train-hrad, rank-vocab, models.
 
 Flags are derived from the config dataclasses (:mod:`specbranch.config`), so defaults and help
 texts exist once. User mistakes print one line ``error: ...`` and exit with status 2.
@@ -164,15 +164,20 @@ def cmd_rank_vocab(args: argparse.Namespace) -> int:
 
     tok = Tokenizer(resolve(args.model))
     paths = args.paths or vocab.default_corpus()
-    counts = vocab.count_tokens(tok, vocab.corpus_files(paths), progress=not args.quiet)
+    # each path is one corpus with equal weight, so a small prose set is not drowned by a large code one
+    parts = [vocab.count_tokens(tok, vocab.corpus_files([p]), progress=not args.quiet, skip_records=args.skip_records)
+             for p in paths]
+    counts = sum(c.double() / max(1, int(c.sum())) for c in parts)  # [V] mean of per-corpus frequencies
     corpus = args.corpus_name or ", ".join(map(str, paths))
     out = vocab.save_ranking(args.out or vocab.SHIPPED / f"token-ranks-{vocab.fingerprint(tok)[:12]}", counts, tok, corpus)
     seen = int((counts > 0).sum())
-    print(f"{int(counts.sum()):,} tokens counted, {seen:,} distinct of {tok.vocab_size:,}; ranking saved to {out}")
+    total = sum(int(c.sum()) for c in parts)
+    print(f"{total:,} tokens counted in {len(parts)} corpora, {seen:,} distinct of {tok.vocab_size:,}; "
+          f"ranking saved to {out}")
     for n in (8192, 16384, 32768, 65536):
         if n < seen:
             share = counts.sort(descending=True).values[:n].sum() / counts.sum()
-            print(f"  top {n:>6,} tokens cover {share:.2%} of the corpus")
+            print(f"  top {n:>6,} tokens cover {share:.2%} of the (equally weighted) corpora")
     return 0
 
 
@@ -256,11 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=cmd_train_hrad)
 
     v = sub.add_parser("rank-vocab", help="count token frequencies over a corpus: the ranking --draft-vocab uses")
-    v.add_argument("paths", nargs="*", help="files or folders (.py/.md/.rst/.txt searched recursively) to count "
-                   "over (default: this Python's standard library)")
+    v.add_argument("paths", nargs="*", help="files or folders (.py/.md/.rst/.txt/.jsonl searched recursively) to "
+                   "count over; JSONL records count by their string values (default: this Python's standard library)")
     v.add_argument("--model", default=ModelConfig.draft, help="model whose tokenizer counts (default: %(default)s)")
     v.add_argument("--out", default="", help="output .safetensors (default: the ranking shipped inside the package "
                    "for this tokenizer, found automatically by --draft-vocab)")
+    v.add_argument("--skip-records", type=int, default=0, help="skip the first N records of each .jsonl file, "
+                   "e.g. the prompts a benchmark evaluates on (default: %(default)s)")
     v.add_argument("--corpus-name", default="", help="description of the corpus stored in the file (default: the paths)")
     v.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     v.set_defaults(func=cmd_rank_vocab)

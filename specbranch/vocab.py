@@ -11,8 +11,9 @@ both code and English prose), which every machine that runs specbranch has: the 
 can be rebuilt anywhere with ``specbranch rank-vocab``.
 
 File format: safetensors with ``ids`` (int32 token ids seen in the corpus, most frequent first)
-and ``counts`` (int32, same order); metadata ``fingerprint`` (of the tokenizer's vocabulary, so a
-ranking is only ever applied to the tokenizer it was counted with), ``corpus`` and ``tokens``.
+and ``weights`` (float32, same order: counts, or with several corpora the mean of their frequencies);
+metadata ``fingerprint`` (of the tokenizer's vocabulary, so a ranking is only ever applied to the
+tokenizer it was counted with) and ``corpus``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .errors import ConfigError
 from .models.tokenizer import Tokenizer
 
 SHIPPED = Path(__file__).parent / "data"
-CORPUS_SUFFIXES = (".py", ".md", ".rst", ".txt")
+CORPUS_SUFFIXES = (".py", ".md", ".rst", ".txt", ".jsonl")
 
 
 def fingerprint(tok: Tokenizer) -> str:
@@ -60,8 +61,27 @@ def corpus_files(paths: Sequence[str | Path]) -> list[Path]:
     return files
 
 
-def count_tokens(tok: Tokenizer, files: Iterable[Path], progress: bool = True) -> torch.Tensor:
-    """Occurrences of every token id over the files -> ``[vocab_size]`` int64."""
+def file_text(path: Path, skip_records: int = 0) -> str:
+    """A corpus file's text; for JSONL, every string value of each record after the first
+    ``skip_records`` (e.g. a dataset's questions and worked answers, past its evaluation prompts)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix != ".jsonl":
+        return text
+
+    def strings(v) -> list[str]:
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v, dict):
+            v = list(v.values())
+        return [s for x in v for s in strings(x)] if isinstance(v, list) else []
+
+    lines = [line for line in text.splitlines() if line.strip()][skip_records:]
+    return "\n\n".join(s for line in lines for s in strings(json.loads(line)))
+
+
+def count_tokens(tok: Tokenizer, files: Iterable[Path], progress: bool = True, skip_records: int = 0) -> torch.Tensor:
+    """Occurrences of every token id over the files -> ``[vocab_size]`` int64 (``skip_records``:
+    see :func:`file_text`)."""
     from tqdm import tqdm
 
     files = list(files)
@@ -74,7 +94,7 @@ def count_tokens(tok: Tokenizer, files: Iterable[Path], progress: bool = True) -
         batch.clear()
 
     for f in tqdm(files, desc="count tokens", unit="file", disable=not progress):
-        batch.append(f.read_text(encoding="utf-8", errors="replace"))
+        batch.append(file_text(f, skip_records))
         if len(batch) == 64:
             flush()
     flush()
@@ -82,11 +102,12 @@ def count_tokens(tok: Tokenizer, files: Iterable[Path], progress: bool = True) -
 
 
 def save_ranking(path: str | Path, counts: torch.Tensor, tok: Tokenizer, corpus: str) -> Path:
+    """Write the ranking of ``counts [V]`` (any non-negative weights; zero = never seen)."""
     order = torch.argsort(counts, descending=True, stable=True)  # ties: lower id (earlier BPE merge) first
     ids = order[counts[order] > 0]
     path = Path(path).with_suffix(".safetensors")
-    meta = {"fingerprint": fingerprint(tok), "corpus": corpus, "tokens": str(int(counts.sum()))}
-    save_file({"ids": ids.int().contiguous(), "counts": counts[ids].int().contiguous()}, str(path), metadata=meta)
+    meta = {"fingerprint": fingerprint(tok), "corpus": corpus}
+    save_file({"ids": ids.int().contiguous(), "weights": counts[ids].float().contiguous()}, str(path), metadata=meta)
     return path
 
 

@@ -43,6 +43,8 @@ def test_prompt_from_stdin_and_file(tiny_pair, tmp_path):
         (["x", "--max-new-tokens", "-3"], "max_new_tokens must be >= 1"),
         (["x", "--temperature", "-1"], "temperature must be >= 0"),
         (["x", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["x", "--gamma", "-1"], "gamma must be in 1..16, or 0"),
+        (["x", "--draft-vocab", "-2"], "draft_vocab must be >= -1"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tiny_pair, extra, needle, capsys):
@@ -50,6 +52,14 @@ def test_bad_input_is_one_line_exit_2(tiny_pair, extra, needle, capsys):
     err = capsys.readouterr().err
     assert code == 2 and needle in err and err.startswith("error:") and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_gamma_zero_means_each_engines_default():
+    from specbranch.config import GAMMA_DEFAULTS, SpeculationConfig
+
+    assert SpeculationConfig().gamma_for("sd") == GAMMA_DEFAULTS["sd"] == 6
+    assert SpeculationConfig().gamma_for("specbranch") == GAMMA_DEFAULTS["specbranch"] == 4
+    assert SpeculationConfig(gamma=3).gamma_for("sd") == 3  # an explicit gamma pins every engine
 
 
 def test_unknown_model_path_is_an_error(capsys):

@@ -56,3 +56,15 @@ def test_rank_vocab_command_then_generate_with_it(tiny_pair, tmp_path, capsys):
     assert capsys.readouterr().out == ar_text  # the reduced draft head never changes the output
     assert main(["rank-vocab", str(tmp_path / "nothing-here"), "--model", str(tiny_pair["draft"]), "-q"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_jsonl_records_count_by_their_strings_after_the_skipped_ones(tiny_pair, tmp_path):
+    import json
+
+    from specbranch.vocab import file_text
+
+    path = tmp_path / "d.jsonl"
+    rows = [{"question": "eval prompt", "answer": "kept out"}, {"question": "Hello", "turns": ["world", "again"], "id": 3}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert file_text(path, skip_records=1) == "Hello\n\nworld\n\nagain"
+    assert "eval prompt" in file_text(path)
