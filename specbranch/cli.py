@@ -174,9 +174,10 @@ def cmd_rank_vocab(args: argparse.Namespace) -> int:
     total = sum(int(c.sum()) for c in parts)
     print(f"{total:,} tokens counted in {len(parts)} corpora, {seen:,} distinct of {tok.vocab_size:,}; "
           f"ranking saved to {out}")
+    ranked = counts.sort(descending=True).values  # [V]
     for n in (8192, 16384, 32768, 65536):
         if n < seen:
-            share = counts.sort(descending=True).values[:n].sum() / counts.sum()
+            share = ranked[:n].sum() / counts.sum()
             print(f"  top {n:>6,} tokens cover {share:.2%} of the (equally weighted) corpora")
     return 0
 

@@ -130,7 +130,7 @@ class SpeculationConfig:
     drafting: str = _help(
         "specbranch: who ends a drafted block. confidence: the draft's top-1 <= tau; fixed: always gamma-1 "
         "tokens; hrad: the H-RAD classifier on target features; hybrid: H-RAD with the confidence cut for "
-        "uncertain rounds; auto: confidence (the shipped H-RAD predictor measured slower, see README)",
+        "uncertain rounds; auto: confidence (the shipped H-RAD predictor measured no faster, see README)",
         default="auto",
         choices=("auto", *DRAFTING),
     )

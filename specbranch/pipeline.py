@@ -30,7 +30,7 @@ from .hrad import HRADPredictor, find_shipped
 from .models.linear import subset_head
 from .models.tokenizer import Tokenizer
 from .policy import resolve_drafting
-from .vocab import auto_size, draft_vocab_ids
+from .vocab import draft_vocab_ids
 
 
 class LoadedModel:
@@ -69,7 +69,7 @@ def load_backend(folder: Path, cfg: ModelConfig, device: str = "cpu", vocab_subs
     """The model in a converted folder, on ``device``, behind the Backend protocol. ``vocab_subset > 0``
     restricts the LM head to that many of the most frequent tokens plus the special ones, -1 picks
     the size automatically (drafts only: see :class:`~.models.linear.VocabSubsetHead` and
-    :func:`specbranch.vocab.auto_size`)."""
+    :func:`specbranch.vocab.draft_vocab_ids`)."""
     if device != "cpu" and cfg.precision == "int8":
         raise ConfigError(f"int8 weights run on the CPU only (FBGEMM): use --precision bf16 or fp32 on {device}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -84,11 +84,9 @@ def load_backend(folder: Path, cfg: ModelConfig, device: str = "cpu", vocab_subs
     from .models.loader import load_decoder
 
     decoder = load_decoder(folder, cfg.precision).to(device)
-    if vocab_subset:
-        tok = Tokenizer(folder)
-        vocab_subset = auto_size(tok, vocab_subset, cfg.draft_vocab_ranks)
-    if 0 < vocab_subset < decoder.cfg.vocab_size:
-        ids = draft_vocab_ids(tok, vocab_subset, decoder.cfg.vocab_size, cfg.draft_vocab_ranks)
+    ids = draft_vocab_ids(Tokenizer(folder), vocab_subset, decoder.cfg.vocab_size, cfg.draft_vocab_ranks) \
+        if vocab_subset else None
+    if ids is not None:
         decoder.lm_head = subset_head(decoder.lm_head, ids, decoder.cfg.vocab_size)
     return NativeBackend(decoder, max_len=cfg.max_len)
 
