@@ -84,7 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         err = sys.stderr
         if not args.quiet:
             print(f"[loaded in {pipe.load_time_s:.1f}s: target {models.target}"
-                  + (f", draft {models.draft}" if pipe.draft else "") + f", {models.precision}, "
+                  + (f", draft {models.draft}" if pipe.draft else "") + f", {pipe.precision_line()}, "
                   f"{runtime.runtime} runtime]", file=err)
 
         def show(piece: str) -> None:
@@ -143,7 +143,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = build_server(pipe, cfg, spec)
     svc = server.config.app.state.service
     print(f"[loaded in {pipe.load_time_s:.1f}s: target {models.target}"
-          + (f", draft {models.draft}" if pipe.draft else "") + f", {models.precision}; default engine "
+          + (f", draft {models.draft}" if pipe.draft else "") + f", {pipe.precision_line()}; default engine "
           f"{svc.default_engine}; model id {svc.model!r}; API key {'required' if cfg.api_key else 'off'}]",
           file=sys.stderr)
     print(f"[OpenAI API at http://{cfg.host}:{cfg.port}/v1 ; metrics at /metrics]", file=sys.stderr)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import ConfigError
-from .models.linear import PRECISIONS
+from .models.linear import DRAFT_PRECISIONS, PRECISIONS
 from .policy import DRAFTING
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
@@ -58,6 +58,13 @@ class ModelConfig:
         default="int8",
         choices=PRECISIONS,
     )
+    draft_precision: str = _help(
+        "weight precision of the draft: auto = int4 when --precision is int8 on a CPU that runs the int4 kernel "
+        "(AVX2 and a C compiler), else --precision. int4 (draft only) halves the bytes a draft step reads; "
+        "the target still decides every token, so output is unchanged",
+        default="auto",
+        choices=("auto", *DRAFT_PRECISIONS),
+    )
     backend: str = _help("native (fast, branchable KV cache) or hf (transformers reference)", default="native", choices=BACKENDS)
     max_len: int = _help("KV cache capacity in tokens (prompt + generated)", default=4096)
     draft_vocab: int = _help(
@@ -76,6 +83,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.draft_precision not in ("auto", *DRAFT_PRECISIONS):
+            raise ConfigError(f"unknown draft precision {self.draft_precision!r}; choose auto or one of "
+                              f"{', '.join(DRAFT_PRECISIONS)}")
+        if self.draft_precision == "int4" and self.backend != "native":
+            raise ConfigError("--draft-precision int4 needs the native backend; use --backend native or another "
+                              "draft precision")
         if self.backend not in BACKENDS:
             raise ConfigError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
         if self.max_len < 16:

@@ -16,7 +16,7 @@ import json
 import os
 import time
 import weakref
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -38,9 +38,10 @@ class LoadedModel:
     (in the parallel runtime this process never needs the draft's weights unless ``sd`` runs)."""
 
     def __init__(self, name: str, folder: Path, tokenizer: Tokenizer, cfg: ModelConfig, device: str = "cpu",
-                 vocab_subset: int = 0) -> None:
+                 vocab_subset: int = 0, precision: str | None = None) -> None:
         self.name, self.folder, self.tokenizer, self.cfg, self.device = name, folder, tokenizer, cfg, device
         self.vocab_subset = vocab_subset
+        self.precision = precision or cfg.precision
         self.load_time_s = 0.0
         self._backend: Backend | None = None
 
@@ -48,7 +49,7 @@ class LoadedModel:
     def backend(self) -> Backend:
         if self._backend is None:
             t0 = time.perf_counter()
-            self._backend = load_backend(self.folder, self.cfg, self.device, self.vocab_subset)
+            self._backend = load_backend(self.folder, self.cfg, self.device, self.vocab_subset, self.precision)
             self.load_time_s += time.perf_counter() - t0
         return self._backend
 
@@ -65,13 +66,32 @@ def resolve(spec: str, progress: bool = True) -> Path:
     return resolve_model(spec, progress=progress)
 
 
-def load_backend(folder: Path, cfg: ModelConfig, device: str = "cpu", vocab_subset: int = 0) -> Backend:
-    """The model in a converted folder, on ``device``, behind the Backend protocol. ``vocab_subset > 0``
+def draft_precision(cfg: ModelConfig, device: str = "cpu") -> str:
+    """The draft's weight precision: ``cfg.draft_precision``, with ``auto`` resolved to int4 where it
+    can run (an int8 pair on a CPU with the int4 kernel), else the target's precision."""
+    from .kernels import unavailable
+
+    if cfg.draft_precision == "int4":
+        reason = unavailable() if device == "cpu" else f"int4 weights run on the CPU only, not on {device}"
+        if reason:
+            raise ConfigError(f"--draft-precision int4 is not available: {reason}; use --draft-precision int8")
+        return "int4"
+    if cfg.draft_precision != "auto":
+        return cfg.draft_precision
+    usable = cfg.precision == "int8" and cfg.backend == "native" and device == "cpu" and unavailable() is None
+    return "int4" if usable else cfg.precision
+
+
+def load_backend(folder: Path, cfg: ModelConfig, device: str = "cpu", vocab_subset: int = 0,
+                 precision: str | None = None) -> Backend:
+    """The model in a converted folder, on ``device``, behind the Backend protocol, at ``precision``
+    (default ``cfg.precision``; drafts pass :func:`draft_precision`). ``vocab_subset > 0``
     restricts the LM head to that many of the most frequent tokens plus the special ones, -1 picks
     the size automatically (drafts only: see :class:`~.models.linear.VocabSubsetHead` and
     :func:`specbranch.vocab.draft_vocab_ids`)."""
-    if device != "cpu" and cfg.precision == "int8":
-        raise ConfigError(f"int8 weights run on the CPU only (FBGEMM): use --precision bf16 or fp32 on {device}")
+    precision = precision or cfg.precision
+    if device != "cpu" and precision in ("int8", "int4"):
+        raise ConfigError(f"{precision} weights run on the CPU only: use --precision bf16 or fp32 on {device}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device} requested but this torch build sees no CUDA GPU: use cpu")
     if cfg.backend == "hf":
@@ -79,11 +99,11 @@ def load_backend(folder: Path, cfg: ModelConfig, device: str = "cpu", vocab_subs
 
         from .backend_hf import HFBackend
 
-        dtype = {"fp64": torch.float64, "bf16": torch.bfloat16}.get(cfg.precision, torch.float32)
+        dtype = {"fp64": torch.float64, "bf16": torch.bfloat16}.get(precision, torch.float32)
         return HFBackend(AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device))
     from .models.loader import load_decoder
 
-    decoder = load_decoder(folder, cfg.precision).to(device)
+    decoder = load_decoder(folder, precision).to(device)
     ids = draft_vocab_ids(Tokenizer(folder), vocab_subset, decoder.cfg.vocab_size, cfg.draft_vocab_ranks) \
         if vocab_subset else None
     if ids is not None:
@@ -92,11 +112,11 @@ def load_backend(folder: Path, cfg: ModelConfig, device: str = "cpu", vocab_subs
 
 
 def load_model(spec: str, cfg: ModelConfig, progress: bool = True, device: str = "cpu", lazy: bool = False,
-               vocab_subset: int = 0) -> LoadedModel:
+               vocab_subset: int = 0, precision: str | None = None) -> LoadedModel:
     """Resolve and load a model (its weights only on first use when ``lazy``)."""
     folder = resolve(spec, progress)
     t0 = time.perf_counter()
-    model = LoadedModel(spec, folder, Tokenizer(folder), cfg, device, vocab_subset)
+    model = LoadedModel(spec, folder, Tokenizer(folder), cfg, device, vocab_subset, precision)
     model.load_time_s = time.perf_counter() - t0
     if not lazy:
         model.backend
@@ -139,7 +159,8 @@ class Pipeline:
             self.draft = None
             if self.cfg.has_draft:
                 self.draft = load_model(self.cfg.draft, self.cfg, progress, self.runtime.draft_device,
-                                        lazy=self.worker is not None, vocab_subset=self.cfg.draft_vocab)
+                                        lazy=self.worker is not None, vocab_subset=self.cfg.draft_vocab,
+                                        precision=draft_precision(self.cfg, self.runtime.draft_device))
                 check_compatible(self.target, self.draft)
             if self.worker is not None:
                 self.worker.wait_ready()
@@ -162,6 +183,15 @@ class Pipeline:
         self.worker.start()
         # Shut the worker down when the pipeline is closed, collected, or at interpreter exit.
         self._close = weakref.finalize(self, self.worker.close)
+
+    def model_settings(self) -> dict:
+        """The model configuration with the draft precision resolved (what a report should state)."""
+        return {**asdict(self.cfg), "draft_precision": self.draft.precision if self.draft else None}
+
+    def precision_line(self) -> str:
+        """e.g. ``int8 (draft int4)``."""
+        draft = self.draft.precision if self.draft else self.cfg.precision
+        return self.cfg.precision + (f" (draft {draft})" if draft != self.cfg.precision else "")
 
     def close(self) -> None:
         """Stop the draft worker process, if any (idempotent). In-process engines stay usable."""

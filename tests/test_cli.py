@@ -45,6 +45,7 @@ def test_prompt_from_stdin_and_file(tiny_pair, tmp_path):
         (["x", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["x", "--gamma", "-1"], "gamma must be in 1..16, or 0"),
         (["x", "--draft-vocab", "-2"], "draft_vocab must be >= -1"),
+        (["x", "--draft-precision", "int4", "--backend", "hf"], "int4 needs the native backend"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(tiny_pair, extra, needle, capsys):
@@ -93,3 +94,25 @@ def test_profile_writes_one_table_per_worker(tiny_pair, tmp_path, monkeypatch, c
     for needle in ("draft.forward", "draft.wait"):
         assert needle in draft
     assert "operator profiles written" in capsys.readouterr().err
+
+
+def test_draft_precision_auto_is_int4_only_for_an_int8_pair_on_cpu():
+    from specbranch.config import ModelConfig
+    from specbranch.errors import ConfigError
+    from specbranch.pipeline import draft_precision
+
+    assert draft_precision(ModelConfig()) == "int4"  # this machine builds the kernel (AVX2 + gcc)
+    assert draft_precision(ModelConfig(precision="fp64")) == "fp64"
+    assert draft_precision(ModelConfig(), device="cuda") == "int8"
+    assert draft_precision(ModelConfig(draft_precision="bf16")) == "bf16"
+    with pytest.raises(ConfigError, match="CPU only"):
+        draft_precision(ModelConfig(draft_precision="int4"), device="cuda")
+
+
+def test_generate_with_an_int4_draft_matches_ar(tiny_pair):
+    """Through the CLI: the tiny pair at int8 with an int4 draft gives ar's exact text."""
+    args = ["--precision", "int8", "--max-new-tokens", "24", "--no-chat-template", "def add"]
+    ar = run(*tiny_args(tiny_pair, "--engine", "ar", *args))
+    sd = run(*tiny_args(tiny_pair, "--engine", "sd", "--draft-precision", "int4", *args))
+    assert ar.returncode == 0 and sd.returncode == 0, sd.stderr
+    assert sd.stdout == ar.stdout and ar.stdout.strip()

@@ -205,6 +205,50 @@ def test_reduced_vocabulary_draft_stays_lossless(greedy_pair, sampling_pair):
     assert_matches(counts, target_law(target_model, [1, 3], sampling), 5000)
 
 
+def int4_draft(model, path):
+    """``model`` as an int4 draft (int8 layers, int4 weights for decode steps, cached in ``path``)."""
+    from specbranch.models.linear import Int4Linear
+    from specbranch.models.loader import to_int4
+
+    decoder = to_int4(Decoder(DecoderConfig.from_hf(model.config.to_dict()), model.state_dict(), "int8"), path)
+    converted = [isinstance(lin, Int4Linear) for lin in decoder.linears().values()]
+    assert sum(converted) >= 3  # qkv, o, gate_up at least (inputs 64 wide); down stays int8 where 96 wide
+    return NativeBackend(decoder, max_len=512)
+
+
+@pytest.mark.parametrize("name", SPECULATIVE)
+def test_int4_draft_stays_lossless(greedy_pair, name, tmp_path):
+    """The int4 draft (the CPU speed lever) proposes with coarser weights; the fp64 target still
+    decides, so every engine gives ar's tokens, and the cached int4 weights reload identically."""
+    target_model, draft_model = greedy_pair
+    path = tmp_path / "int4.safetensors"
+    draft = int4_draft(draft_model, path)
+    assert path.is_file()
+    engine = ENGINE_CLASSES[name](native(target_model), draft, SpeculationConfig(4, 3, 0.2))
+    ar_target = native(target_model)
+    accepted = 0
+    for seed in range(3):
+        prompt = torch.randint(0, 64, (5,), generator=torch.Generator().manual_seed(seed)).tolist()
+        got = run(engine, prompt, 30)
+        assert got.tokens == run(AREngine(ar_target), prompt, 30).tokens, seed
+        accepted += got.metrics.num_accepted_tokens
+    assert accepted > 0
+    again = int4_draft(draft_model, path)  # from the cache file this time
+    draft.reset()
+    x = torch.tensor([[1, 2, 3]])
+    assert torch.equal(again.forward(x).logits, draft.forward(x).logits)
+
+
+def test_int4_draft_keeps_the_output_law(tmp_path):
+    small = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=1)
+    target = make_tiny_hf("qwen2", seed=11, tie=True, dtype=torch.float64, **small)
+    draft = int4_draft(make_tiny_hf("qwen2", seed=12, tie=True, **small), tmp_path / "int4.safetensors")
+    sampling = SamplingConfig(temperature=1.0)
+    engine = ENGINE_CLASSES["specbranch"](native(target), draft, SpeculationConfig(2, 2, 0.5))
+    counts = sample_engine(engine, [1, 3], sampling, 5000)
+    assert_matches(counts, target_law(target, [1, 3], sampling), 5000)
+
+
 # ---------------------------------------------------------------- H-RAD drafting: never changes the output
 
 

@@ -49,3 +49,95 @@ def test_vocab_subset_head_keeps_rows_and_masks_the_rest(precision):
     rest = torch.ones(50, dtype=torch.bool)
     rest[keep] = False
     assert torch.isinf(got[..., rest]).all() and (got[..., rest] < 0).all()
+
+
+# ---------------------------------------------------------------- int4 (draft-only) weights
+
+
+def int4_layer(n=200, k=192, bias=True, seed=0):
+    from specbranch.models.linear import Int4Linear
+
+    torch.manual_seed(seed)
+    w = torch.randn(n, k) * 0.05
+    return Int4Linear.from_int8(Int8Linear.from_float(w, torch.randn(n) if bias else None).pack()), w
+
+
+def test_int4_quantization_round_trip_is_within_one_step():
+    from specbranch.models.linear import dequantize_int4, quantize_int4
+
+    torch.manual_seed(0)
+    w = torch.randn(33, 128) * torch.logspace(-3, 1, 33)[:, None]  # rows of very different scale
+    packed, scales = quantize_int4(w)
+    assert packed.dtype == torch.uint8 and packed.shape == (33, 64) and scales.shape == (33, 2)
+    err = (dequantize_int4(packed, scales) - w).abs().view(33, 2, 64)
+    assert (err <= scales.abs()[..., None] * 0.5 + 1e-9).float().mean() > 0.99  # rounding: half a step
+    assert (err <= scales.abs()[..., None] + 1e-9).all()  # only +8 clamps to +7: one step at most
+    peak = w.view(33, 2, 64).abs().amax(-1)
+    assert torch.allclose(scales.abs() * 8, peak)  # the largest magnitude is represented exactly
+
+
+def test_int4_kernel_matches_the_dequantized_reference():
+    """The C kernel computes exactly the documented sum: per-row int8 activations times the int4
+    weights, per group scaled; checked against the same sum in float64."""
+    from specbranch.models.linear import dequantize_int4
+
+    lin, _ = int4_layer()
+    x = torch.randn(3, 192) * torch.tensor([[0.01], [1.0], [100.0]])
+    amax = x.abs().amax(dim=1, keepdim=True)
+    xq = torch.round(x * (127 / amax))  # what the kernel feeds the integer dot
+    want = (xq.double() @ dequantize_int4(lin.packed, lin.scales).double().T) * (amax.double() / 127) + lin.bias.double()
+    got = lin(x)
+    assert got.shape == (3, 200) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
+
+
+def test_int4_linear_is_batch_and_thread_invariant():
+    lin, _ = int4_layer(bias=False)
+    x = torch.randn(4, 192)
+    together = lin(x)
+    assert torch.equal(together, torch.cat([lin(x[i : i + 1]) for i in range(4)]))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lin(x)
+        torch.set_num_threads(2)
+        two = lin(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(one, together)
+
+
+def test_int4_linear_falls_back_to_int8_for_large_batches():
+    lin, w = int4_layer()
+    x = torch.randn(2, lin.MAX_ROWS + 1, 192)  # 10 rows: the prompt-sized path
+    assert torch.equal(lin(x), lin.base(x))
+    small = x[0, :2]
+    assert not torch.equal(lin(small), lin.base(small))  # below the limit the int4 weights serve
+    want = torch.nn.functional.linear(small, w, lin.bias)
+    assert (lin(small) - want).abs().max() / want.abs().max() < 0.1  # int4: coarse, but the same layer
+
+
+def test_int4_subset_head_keeps_its_rows():
+    from specbranch.models.linear import subset_head
+
+    lin, _ = int4_layer(n=50, bias=False)
+    ids = torch.tensor([7, 0, 3, 49])
+    sub = subset_head(lin, ids, 50)
+    x = torch.randn(1, 2, 192)
+    got, full = sub(x), lin(x)
+    keep = torch.tensor([0, 3, 7, 49])
+    assert torch.equal(got[..., keep], full[..., keep])
+    assert torch.isinf(got).sum() == 2 * 46
+
+
+def test_missing_compiler_is_a_clear_reason(monkeypatch, tmp_path):
+    from specbranch import kernels
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("SPECBRANCH_CACHE", str(tmp_path))  # no kernel built here yet
+    kernels.library.cache_clear()
+    try:
+        reason = kernels.unavailable()
+        assert reason and "compil" in reason
+    finally:
+        kernels.library.cache_clear()

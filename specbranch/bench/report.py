@@ -100,7 +100,8 @@ def markdown(result: BenchResult, aggs: list[Aggregate]) -> str:
         "",
         f"{b['max_new_tokens']} new tokens, temperature {s['temperature']}, {b['num_prompts']} prompts per dataset, "
         f"{b['repeats']} repeat(s), engines interleaved per prompt; models {result.config['models']['target']} / "
-        f"{result.config['models']['draft']} at {result.config['models']['precision']}, "
+        f"{result.config['models']['draft']} at {result.config['models']['precision']} "
+        f"(draft at {result.config['models'].get('draft_precision', result.config['models']['precision'])}), "
         f"{result.config.get('runtime', {}).get('runtime', 'sequential')} runtime for pearl/specbranch; "
         f"{speculation_line(result.config)}; "
         f"torch {env['torch']}, {env['cpu_count']} CPUs, commit {env['git_commit']}, {env['time']}.",

@@ -199,8 +199,8 @@ class Decoder:
         device = torch.device(device)
         if device == self.device:
             return self
-        if self.precision == "int8":
-            raise ModelError(f"int8 weights run on the CPU only (FBGEMM): use precision bf16 or fp32 on {device}")
+        if self.precision in ("int8", "int4"):
+            raise ModelError(f"{self.precision} weights run on the CPU only: use precision bf16 or fp32 on {device}")
         tied = self.lm_head.weight is self.embed  # fp32 tied head: one tensor, keep it shared
         self.embed = self.embed.to(device)
         self.norm = self.norm.to(device)
@@ -221,6 +221,14 @@ class Decoder:
         for i, layer in enumerate(self.layers):
             out.update(layer.linears(i))
         return out
+
+    def set_linear(self, name: str, linear: Any) -> None:
+        """Replace the linear layer called ``name`` in :meth:`linears` (e.g. with its int4 version)."""
+        if name == "lm_head":
+            self.lm_head = linear
+            return
+        _, i, attr = name.split(".")
+        setattr(self.layers[int(i)], attr, linear)
 
     def new_cache(self, max_len: int, max_branches: int = 4, max_branch_len: int = 32) -> KVCache:
         c = self.cfg

@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 
 from ..errors import ModelError
 from .decoder import Decoder, DecoderConfig
-from .linear import PRECISIONS, Int8Linear
+from .linear import DRAFT_PRECISIONS, Int4Linear, Int8Linear
 
 INT8_FILE = "int8.safetensors"  # quantized linears cached next to the float weights
+INT4_FILE = "int4.safetensors"  # the int4 draft weights, made from the int8 ones
 
 
 def read_config(folder: Path) -> dict:
@@ -30,7 +31,7 @@ class LazyWeights:
     (so peak memory is one model's weights at the target precision, not two copies)."""
 
     def __init__(self, folder: Path) -> None:
-        files = sorted(f for f in Path(folder).glob("*.safetensors") if f.name != INT8_FILE)
+        files = sorted(f for f in Path(folder).glob("*.safetensors") if f.name not in (INT8_FILE, INT4_FILE))
         if not files:
             raise ModelError(f"no *.safetensors weights in {folder}")
         self._handles = [safe_open(str(f), framework="pt") for f in files]
@@ -50,9 +51,11 @@ def load_decoder(folder: str | Path, precision: str = "fp32", threads: int | Non
     For int8 the quantized linears are stored once next to the weights (``int8.safetensors``)
     so later loads skip quantization, and FBGEMM prepacking runs on a thread pool.
     """
-    if precision not in PRECISIONS:
-        raise ModelError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision not in DRAFT_PRECISIONS:
+        raise ModelError(f"unknown precision {precision!r}; choose one of {', '.join(DRAFT_PRECISIONS)}")
     folder = Path(folder)
+    if precision == "int4":
+        return to_int4(load_decoder(folder, "int8", threads), folder / INT4_FILE)
     cfg = DecoderConfig.from_hf(read_config(folder))
     weights = LazyWeights(folder)
     missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in weights]
@@ -76,12 +79,38 @@ def load_decoder(folder: str | Path, precision: str = "fp32", threads: int | Non
     return decoder
 
 
+def to_int4(decoder: Decoder, path: Path) -> Decoder:
+    """Give every int8 linear whose input width is a multiple of 64 int4 weights for decode steps
+    (:class:`Int4Linear`; it keeps the int8 layer for larger batches). The int4 weights are stored
+    once in ``path`` so later loads skip the quantization (about 7 s for the 0.5B draft)."""
+    stored = safe_open(str(path), framework="pt") if path.is_file() else None
+    names = set(stored.keys()) if stored is not None else set()
+    made = {}
+    for name, linear in decoder.linears().items():
+        if not Int4Linear.supports(linear):
+            continue  # stays int8
+        if name + ".packed" in names:
+            made[name] = Int4Linear(linear, stored.get_tensor(name + ".packed"), stored.get_tensor(name + ".scales"))
+        else:
+            made[name] = Int4Linear.from_int8(linear)
+    for name, linear in made.items():
+        decoder.set_linear(name, linear)
+    decoder.precision = "int4"
+    if stored is None and made:
+        _save({t: getattr(lin, a) for n, lin in made.items() for t, a in ((n + ".packed", "packed"), (n + ".scales", "scales"))}, path)
+    return decoder
+
+
 def save_int8(decoder: Decoder, path: Path) -> None:
     """Write the int8 weights and scales of every linear (atomically: temp file + rename)."""
     tensors = {}
     for name, linear in decoder.linears().items():
         tensors[name + ".qweight"] = linear.qweight
         tensors[name + ".scale"] = linear.scale
+    _save(tensors, path)
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp = path.with_suffix(".partial")
     try:
         save_file(tensors, str(tmp))

@@ -1,0 +1,96 @@
+"""Native CPU kernels, compiled on first use.
+
+The only one so far is the int4 weight-only linear of :mod:`specbranch.kernels.q4` (``q4.c``): the C
+source ships with the package and is compiled once with the system C compiler into the model cache
+(``$SPECBRANCH_CACHE/kernels``), keyed by a hash of the source and the flags, then loaded with
+``ctypes``. Compiling takes about a second. It needs an x86-64 CPU with AVX2 and FMA and a C
+compiler (``cc``/``gcc``); where either is missing :func:`unavailable` says why and callers fall back
+to int8. The library links the same ``libgomp.so.1`` torch has loaded, so it shares torch's OpenMP
+thread pool and follows ``torch.set_num_threads``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("q4.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+
+
+class KernelUnavailable(RuntimeError):
+    """The native kernel cannot be built or run on this machine (the message says why)."""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build_dir() -> Path:
+    from ..models.registry import default_cache_dir
+
+    return default_cache_dir() / "kernels"
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The compiled int4 kernel library (built on first use); :class:`KernelUnavailable` if it cannot be."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise KernelUnavailable(f"the int4 kernel is written for x86-64 AVX2 CPUs, this is {platform.machine()}")
+    missing = {"avx2", "fma"} - _cpu_flags()
+    if missing:
+        raise KernelUnavailable(f"the int4 kernel needs a CPU with {', '.join(sorted(missing))}")
+    cc = _compiler()
+    if cc is None:
+        raise KernelUnavailable("the int4 kernel is compiled on first use and no C compiler was found: "
+                                "install gcc (e.g. apt-get install gcc) or set $CC")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]
+    out = _build_dir() / f"q4-{key}.so"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # build aside, rename when complete
+        os.close(fd)
+        try:
+            try:
+                proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+            except OSError as e:
+                raise KernelUnavailable(f"compiling the int4 kernel failed: cannot run the C compiler {cc!r} ({e})")
+            if proc.returncode != 0:
+                raise KernelUnavailable(f"compiling the int4 kernel with {cc} failed: {proc.stderr.strip()[-500:]}")
+            os.replace(tmp, out)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+    lib = ctypes.CDLL(str(out))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.q4_quantize_rows.argtypes = [p, i64, i64, p, p, p]
+    lib.q4_quantize_rows.restype = None
+    lib.q4_linear.argtypes = [p, p, p, i64, i64, p, p, p, i64, p]
+    lib.q4_linear.restype = None
+    return lib
+
+
+def unavailable() -> str | None:
+    """None if the int4 kernel can run here, else the reason it cannot."""
+    try:
+        library()
+    except KernelUnavailable as e:
+        return str(e)
+    return None
