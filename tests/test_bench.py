@@ -96,3 +96,14 @@ def test_roofline_counts_only_the_rows_a_reduced_draft_head_reads(tiny_pair):
     lines = roofline(ModelConfig(target=str(tiny_pair["target"]), draft=str(tiny_pair["draft"]), draft_vocab=20),
                      num_prompts=1, tokens=4)
     assert "bandwidth bound" in lines[-2] and lines[-1].startswith("draft/target per-token cost")
+
+
+def test_roofline_counts_the_int4_bytes_of_an_int4_draft(tiny_pair):
+    from specbranch.bench.roofline import weight_bytes_per_token
+    from specbranch.pipeline import load_model
+
+    int8, int4 = (load_model(str(tiny_pair["draft"]), ModelConfig(), progress=False, precision=p) for p in ("int8", "int4"))
+    assert int4.backend.decoder.precision == "int4"
+    qkv8, qkv4 = int8.backend.decoder.layers[0].qkv, int4.backend.decoder.layers[0].qkv
+    saved = qkv8.qweight.numel() - (qkv4.packed.numel() + qkv4.scales.numel() * 4)
+    assert saved > 0 and weight_bytes_per_token(int8) - weight_bytes_per_token(int4) >= saved

@@ -7,6 +7,7 @@ import torch
 
 from specbranch.backend import NativeBackend, prefill, rollback
 from specbranch.backend_hf import HFBackend
+from specbranch.models.decoder import Decoder, DecoderConfig
 from specbranch.models.loader import load_decoder
 
 TOL = 1e-4
@@ -137,3 +138,22 @@ def test_int8_cache_is_written_once_and_reused(tiny_folder):
     assert (folder / INT8_FILE).stat().st_mtime_ns == mtime
     prompt = [4, 5, 6, 7]
     assert torch.equal(prefill(first, prompt).logits, prefill(second, prompt).logits)
+
+
+def test_verifying_a_block_is_bit_identical_to_decoding_it():
+    """The lossless guarantee at T = 0 needs the target's logits for a verified block to equal, bit
+    for bit, those of decoding it token by token (ar). int8 linears are batch-invariant by design;
+    attention must be too (one fused call over the block rounded differently: real prompts then
+    diverged from ar late in a generation)."""
+    from conftest import make_tiny_hf
+
+    model = make_tiny_hf("qwen2", seed=3, vocab_size=300, hidden_size=256, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=128, num_hidden_layers=2)
+    dec = Decoder(DecoderConfig.from_hf(model.config.to_dict()), model.state_dict(), "int8")  # int8: fp32 MKL linears are not batch-invariant
+    toks = torch.randint(0, 300, (1, 27), generator=torch.Generator().manual_seed(0))
+    block, steps = dec.new_cache(64), dec.new_cache(64)
+    for cache in (block, steps):
+        dec.forward(toks[:, :20], cache)
+    together = dec.forward(toks[:, 20:], block).logits[0]  # [7, V]
+    alone = torch.cat([dec.forward(toks[:, i : i + 1], steps).logits[0] for i in range(20, 27)])
+    assert torch.equal(together, alone)

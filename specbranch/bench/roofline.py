@@ -15,7 +15,7 @@ import torch
 
 from ..config import GenerationConfig, ModelConfig, SamplingConfig
 from ..engines import AREngine, generate
-from ..models.linear import Int8Linear
+from ..models.linear import Int4Linear, Int8Linear
 from ..pipeline import LoadedModel, Pipeline
 from .datasets import load_prompts
 
@@ -33,13 +33,15 @@ def read_bandwidth(gb: float = 1.0, repeats: int = 5) -> float:
 
 
 def weight_bytes_per_token(model: LoadedModel) -> int:
-    """Bytes one decode step must read: every linear's weights (int8 + scales, or dense) and the
-    norms; the embedding table contributes one row."""
+    """Bytes one decode step must read: every linear's weights (int4 or int8 + scales, or dense) and
+    the norms; the embedding table contributes one row."""
     dec = model.backend.decoder
     total = dec.embed.shape[1] * dec.embed.element_size() + dec.norm.numel() * dec.norm.element_size()
     for lin in dec.linears().values():
         lin = getattr(lin, "inner", lin)  # a reduced-vocabulary head reads only its subset's rows
-        if isinstance(lin, Int8Linear):
+        if isinstance(lin, Int4Linear):  # a decode step reads the int4 copy, not its int8 fallback
+            total += lin.packed.numel() + lin.scales.numel() * 4 + (0 if lin.bias is None else lin.bias.numel() * 4)
+        elif isinstance(lin, Int8Linear):
             total += lin.qweight.numel() + lin.scale.numel() * 4 + (0 if lin.bias is None else lin.bias.numel() * 4)
         else:
             total += lin.weight.numel() * lin.weight.element_size()

@@ -111,6 +111,9 @@ def _unstacked(s: torch.Tensor, rows: int) -> torch.Tensor:
     return s.view(hkv, rows, m // rows, x).transpose(0, 1)
 
 
+EXACT_ROWS = 32  # verification-sized forwards attend query by query (see attend); prompts do not need to
+
+
 def attend(q: torch.Tensor, view: CacheView, scale: float) -> torch.Tensor:
     """Grouped-query attention of ``q [rows, Hq, t, D]`` over the cache view -> ``[rows, Hq, t, D]``.
 
@@ -122,8 +125,17 @@ def attend(q: torch.Tensor, view: CacheView, scale: float) -> torch.Tensor:
     rows, hq, t, d = q.shape
     hkv = view.trunk_k.shape[1]
     g = hq // hkv
-    qg = q.reshape(rows, hkv, g * t, d)  # [rows, Hkv, g*t, D]
     trunk_len = view.trunk_k.shape[2]
+    if view.branch_k is None and 1 < t <= EXACT_ROWS:
+        # Query i sees exactly its own trunk_len - t + i + 1 keys, through the same kernels (same
+        # shapes, same reduction lengths) as when it is decoded alone: verifying a block then gives
+        # bit-identical logits to decoding it token by token. One call for all t queries does not:
+        # BLAS picks kernels by shape and the softmax / p @ V reductions run over the padded length,
+        # which rounds differently (seen as late greedy divergences from ar on real prompts).
+        return torch.cat([attend(q[:, :, i : i + 1], CacheView(view.trunk_k[:, :, : trunk_len - t + i + 1],
+                                                                 view.trunk_v[:, :, : trunk_len - t + i + 1], None, None),
+                                 scale) for i in range(t)], dim=2)
+    qg = q.reshape(rows, hkv, g * t, d)  # [rows, Hkv, g*t, D]
     if view.branch_k is None:
         s = (qg @ view.trunk_k.transpose(-1, -2)).view(1, hkv, g, t, trunk_len) * scale
         if t > 1:
