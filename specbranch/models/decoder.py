@@ -111,7 +111,8 @@ def _unstacked(s: torch.Tensor, rows: int) -> torch.Tensor:
     return s.view(hkv, rows, m // rows, x).transpose(0, 1)
 
 
-EXACT_ROWS = 32  # verification-sized forwards attend query by query (see attend); prompts do not need to
+EXACT_ROWS = 32  # forwards up to this long (verification) attend query by query, see attend; a prompt runs once,
+# the same way for every engine, so it keeps the one fused call
 
 
 def attend(q: torch.Tensor, view: CacheView, scale: float) -> torch.Tensor:
