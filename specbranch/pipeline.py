@@ -152,6 +152,8 @@ class Pipeline:
         self._predictors: dict[str, HRADPredictor | None] = {}
         self._close = lambda: None
         t0 = time.perf_counter()
+        # resolved once here, so the draft worker loads what this process reports
+        self.draft_precision = draft_precision(self.cfg, self.runtime.draft_device) if self.cfg.has_draft else None
         try:
             if self.runtime.parallel and self.cfg.has_draft:
                 self._start_worker(progress)  # the worker loads the draft while we load the target
@@ -160,7 +162,7 @@ class Pipeline:
             if self.cfg.has_draft:
                 self.draft = load_model(self.cfg.draft, self.cfg, progress, self.runtime.draft_device,
                                         lazy=self.worker is not None, vocab_subset=self.cfg.draft_vocab,
-                                        precision=draft_precision(self.cfg, self.runtime.draft_device))
+                                        precision=self.draft_precision)
                 check_compatible(self.target, self.draft)
             if self.worker is not None:
                 self.worker.wait_ready()
@@ -179,18 +181,19 @@ class Pipeline:
 
         self.target_placement, draft_placement = worker_placements(self.runtime)
         folder = resolve(self.cfg.draft, progress)
-        self.worker = DraftWorker(folder, self.cfg, draft_placement, self.runtime.worker_timeout)
+        self.worker = DraftWorker(folder, replace(self.cfg, draft_precision=self.draft_precision), draft_placement,
+                                  self.runtime.worker_timeout)
         self.worker.start()
         # Shut the worker down when the pipeline is closed, collected, or at interpreter exit.
         self._close = weakref.finalize(self, self.worker.close)
 
     def model_settings(self) -> dict:
         """The model configuration with the draft precision resolved (what a report should state)."""
-        return {**asdict(self.cfg), "draft_precision": self.draft.precision if self.draft else None}
+        return {**asdict(self.cfg), "draft_precision": self.draft_precision}
 
     def precision_line(self) -> str:
         """e.g. ``int8 (draft int4)``."""
-        draft = self.draft.precision if self.draft else self.cfg.precision
+        draft = self.draft_precision or self.cfg.precision
         return self.cfg.precision + (f" (draft {draft})" if draft != self.cfg.precision else "")
 
     def close(self) -> None:

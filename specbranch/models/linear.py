@@ -79,6 +79,11 @@ class Int8Linear:
             self.packed = torch.ops.quantized.linear_prepack(qw, None)
         return self
 
+    def rows(self, ids: torch.Tensor) -> "Int8Linear":
+        """The same layer restricted to output rows ``ids`` (for a reduced LM head), packed."""
+        return Int8Linear(self.qweight[ids].contiguous(), self.scale[ids].contiguous(),
+                          None if self.bias is None else self.bias[ids]).pack()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             self.pack()
@@ -143,9 +148,7 @@ class Int4Linear:
 
     def rows(self, ids: torch.Tensor) -> "Int4Linear":
         """The same layer restricted to output rows ``ids`` (for a reduced LM head)."""
-        b = self.base
-        base = Int8Linear(b.qweight[ids].contiguous(), b.scale[ids].contiguous(), None if b.bias is None else b.bias[ids])
-        return Int4Linear(base.pack(), self.packed[ids].contiguous(), self.scales[ids].contiguous())
+        return Int4Linear(self.base.rows(ids), self.packed[ids].contiguous(), self.scales[ids].contiguous())
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,14 +209,10 @@ class VocabSubsetHead:
 
 
 def subset_head(head, ids: torch.Tensor, vocab_size: int) -> VocabSubsetHead:
-    """Restrict an existing head (int8 or dense) to the rows ``ids``, reusing its weights."""
+    """Restrict an existing head (int4, int8 or dense) to the rows ``ids``, reusing its weights."""
     ids = torch.unique(ids.long())  # sorted, no repeats
-    if isinstance(head, Int4Linear):
+    if isinstance(head, (Int4Linear, Int8Linear)):
         inner = head.rows(ids)
-    elif isinstance(head, Int8Linear):
-        inner = Int8Linear(head.qweight[ids].contiguous(), head.scale[ids].contiguous(),
-                           None if head.bias is None else head.bias[ids])
-        inner.pack()
     else:
         inner = DenseLinear(head.weight[ids], None if head.bias is None else head.bias[ids], head.weight.dtype)
     return VocabSubsetHead(inner, ids, vocab_size)

@@ -109,11 +109,10 @@ def main(argv: list[str]) -> int:
     apply_placement(Placement(cfg["device"], tuple(cfg["cores"]), cfg["threads"]))
     store = dist.TCPStore(LOOPBACK, cfg["port"], 2, False, timeout=timedelta(seconds=cfg["startup_s"]))
     try:
-        from ..pipeline import draft_precision, load_backend
+        from ..pipeline import load_backend
 
-        model = ModelConfig(**cfg["model"])
-        backend = load_backend(cfg["folder"], model, cfg["device"], model.draft_vocab,
-                               draft_precision(model, cfg["device"]))
+        model = ModelConfig(**cfg["model"])  # draft_precision already resolved by the Pipeline
+        backend = load_backend(cfg["folder"], model, cfg["device"], model.draft_vocab, model.draft_precision)
     except Exception as e:
         store.set("error", f"{type(e).__name__}: {e}")
         return 1
