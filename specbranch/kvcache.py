@@ -58,6 +58,9 @@ class KVCache:
         self.v = torch.zeros(trunk_shape, dtype=dtype, device=device)
         self.bk = torch.zeros(branch_shape, dtype=dtype, device=device)
         self.bv = torch.zeros(branch_shape, dtype=dtype, device=device)
+        # per-layer views, so a layer's write is one narrow and one copy (each indexing op costs
+        # microseconds, and a decode step makes two writes per layer)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), self.bk.unbind(0), self.bv.unbind(0)))
         self.length = 0  # committed trunk tokens
         self.num_branches = 0  # 0 = not forked
         self.branch_length = 0  # tokens in every branch row (rows advance in lock-step)
@@ -125,20 +128,17 @@ class KVCache:
     def write(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> CacheView:
         """Store this layer's new keys/values ``[rows, kv_heads, t, head_dim]`` (after advance)."""
         t = k_new.shape[2]
+        k, v, bk, bv = self._layers[layer]
         if self.forked:
-            end = self.branch_length
-            self.bk[layer, : self.num_branches, :, end - t : end] = k_new
-            self.bv[layer, : self.num_branches, :, end - t : end] = v_new
-            return CacheView(
-                self.k[layer, :, :, : self.length],
-                self.v[layer, :, :, : self.length],
-                self.bk[layer, : self.num_branches, :, :end],
-                self.bv[layer, : self.num_branches, :, :end],
-            )
+            end, n = self.branch_length, self.num_branches
+            bk.narrow(0, 0, n).narrow(2, end - t, t).copy_(k_new)
+            bv.narrow(0, 0, n).narrow(2, end - t, t).copy_(v_new)
+            return CacheView(k.narrow(2, 0, self.length), v.narrow(2, 0, self.length),
+                             bk.narrow(0, 0, n).narrow(2, 0, end), bv.narrow(0, 0, n).narrow(2, 0, end))
         end = self.length
-        self.k[layer, :, :, end - t : end] = k_new
-        self.v[layer, :, :, end - t : end] = v_new
-        return CacheView(self.k[layer, :, :, :end], self.v[layer, :, :, :end], None, None)
+        k.narrow(2, end - t, t).copy_(k_new)
+        v.narrow(2, end - t, t).copy_(v_new)
+        return CacheView(k.narrow(2, 0, end), v.narrow(2, 0, end), None, None)
 
     @staticmethod
     def _check_room(needed: int, room: int, what: str) -> None:

@@ -22,7 +22,10 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("q4.c")
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+# -ffp-contract=off: the compiler must not fuse a * b + c on its own. Each row-count specialization of the
+# kernel is scheduled differently, and a contraction in one but not another would make a row's result
+# depend on the batch it came in (caught by test_int4_linear_is_batch_and_thread_invariant).
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 
 
 class KernelUnavailable(RuntimeError):
@@ -84,6 +87,8 @@ def library() -> ctypes.CDLL:
     lib.q4_quantize_rows.restype = None
     lib.q4_linear.argtypes = [p, p, p, i64, i64, p, p, p, i64, p]
     lib.q4_linear.restype = None
+    lib.q4_linear_f32.argtypes = [p, i64, i64, p, p, p, i64, p]
+    lib.q4_linear_f32.restype = ctypes.c_int
     return lib
 
 

@@ -17,10 +17,10 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define GROUP 64
-#define NB 4 /* weight rows per block */
-#define MMAX 8 /* most activation rows per call (the caller checks) */
+#define MMAX 4 /* most activation rows per call (the caller checks) */
 
 
 static inline float hsum_ps(__m256 v) {
@@ -51,53 +51,94 @@ void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *x
     }
 }
 
+/* One block of NB weight rows against M activation rows (M and NB compile-time constants, so the
+ * accumulators stay in registers: with M a run-time value they lived on the stack, and a 1-row
+ * decode step ran at about a third of the core's integer throughput). Per group and row pair the
+ * two nibble halves' u8 x s8 products are summed in int16 (at most 2 * 2 * 15 * 127 = 7620) before
+ * one widening madd. Every (row, weight row) accumulator sees the same operations in the same
+ * order whatever M is, so results stay batch-invariant. */
+#define Q4_BLOCK(M, NB)                                                                                     \
+    static void q4_block_##M##_##NB(const int8_t *xq, const float *xs, const int32_t *xsum, int64_t K,     \
+                                    const uint8_t *w, const float *d, const float *bias, int64_t N,        \
+                                    int64_t n0, float *y) {                                                \
+        const int64_t G = K / GROUP, row_bytes = K / 2;                                                    \
+        const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);                          \
+        __m256 acc[M][NB];                                                                                 \
+        float corr[M][NB];                                                                                 \
+        for (int i = 0; i < M; ++i)                                                                        \
+            for (int j = 0; j < NB; ++j) {                                                                 \
+                acc[i][j] = _mm256_setzero_ps();                                                           \
+                corr[i][j] = 0.f;                                                                          \
+            }                                                                                              \
+        for (int64_t g = 0; g < G; ++g) {                                                                  \
+            for (int j = 0; j < NB; ++j) {                                                                 \
+                const uint8_t *p = w + (n0 + j) * row_bytes + g * 32;                                      \
+                _mm_prefetch((const char *)(p + 2 * NB * row_bytes), _MM_HINT_T0);                         \
+                const __m256i v = _mm256_loadu_si256((const __m256i *)p);                                  \
+                const __m256i lo = _mm256_and_si256(v, low);                                               \
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);                         \
+                const float dj = d[(n0 + j) * G + g];                                                      \
+                const __m256 dv = _mm256_set1_ps(dj);                                                      \
+                for (int i = 0; i < M; ++i) {                                                              \
+                    const int8_t *x = xq + i * K + g * GROUP;                                              \
+                    const __m256i s16 = _mm256_add_epi16(                                                  \
+                        _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),                  \
+                        _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))));          \
+                    const __m256i s = _mm256_madd_epi16(s16, ones);                                        \
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), dv, acc[i][j]);                     \
+                    corr[i][j] += dj * (8.f * (float)xsum[i * G + g]);                                     \
+                }                                                                                          \
+            }                                                                                              \
+        }                                                                                                  \
+        for (int i = 0; i < M; ++i)                                                                        \
+            for (int j = 0; j < NB; ++j) {                                                                 \
+                float v = (hsum_ps(acc[i][j]) - corr[i][j]) * xs[i];                                       \
+                if (bias) v += bias[n0 + j];                                                               \
+                y[i * N + n0 + j] = v;                                                                     \
+            }                                                                                              \
+    }
+
+Q4_BLOCK(1, 4)
+Q4_BLOCK(2, 4)
+Q4_BLOCK(3, 2)
+Q4_BLOCK(4, 2)
+Q4_BLOCK(1, 1)
+Q4_BLOCK(2, 1)
+Q4_BLOCK(3, 1)
+Q4_BLOCK(4, 1)
+
+typedef void (*q4_block_fn)(const int8_t *, const float *, const int32_t *, int64_t, const uint8_t *,
+                            const float *, const float *, int64_t, int64_t, float *);
+
+/* y[M, N] for M in 1..MMAX: blocks of NB weight rows split over the OpenMP threads; a tail of fewer
+ * than NB weight rows goes one row at a time. */
 void q4_linear(const int8_t *xq, const float *xs, const int32_t *xsum, int64_t M, int64_t K, const uint8_t *w,
                const float *d, const float *bias, int64_t N, float *y) {
-    const int64_t G = K / GROUP;
-    const int64_t row_bytes = K / 2;
-    const int64_t nblocks = (N + NB - 1) / NB;
+    static const q4_block_fn blocks[MMAX + 1] = {0, q4_block_1_4, q4_block_2_4, q4_block_3_2, q4_block_4_2};
+    static const q4_block_fn singles[MMAX + 1] = {0, q4_block_1_1, q4_block_2_1, q4_block_3_1, q4_block_4_1};
+    static const int widths[MMAX + 1] = {0, 4, 4, 2, 2};
+    const q4_block_fn block = blocks[M], single = singles[M];
+    const int64_t nb = widths[M], full = N / nb;
 #pragma omp parallel for schedule(static)
-    for (int64_t nb = 0; nb < nblocks; ++nb) {
-        const __m256i ones = _mm256_set1_epi16(1);
-        const __m256i low = _mm256_set1_epi8(0x0F);
-        const int64_t n0 = nb * NB;
-        const int nn = (int)(N - n0 < NB ? N - n0 : NB);
-        __m256 acc[MMAX][NB];
-        float corr[MMAX][NB];
-        for (int i = 0; i < M; ++i)
-            for (int j = 0; j < NB; ++j) {
-                acc[i][j] = _mm256_setzero_ps();
-                corr[i][j] = 0.f;
-            }
-        for (int64_t g = 0; g < G; ++g) {
-            __m256i lo[NB], hi[NB];
-            float dj[NB];
-            for (int j = 0; j < nn; ++j) {
-                const uint8_t *p = w + (n0 + j) * row_bytes + g * 32;
-                _mm_prefetch((const char *)(p + 2 * NB * row_bytes), _MM_HINT_T0);
-                const __m256i v = _mm256_loadu_si256((const __m256i *)p);
-                lo[j] = _mm256_and_si256(v, low);
-                hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                dj[j] = d[(n0 + j) * G + g];
-            }
-            for (int i = 0; i < M; ++i) {
-                const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq + i * K + g * GROUP));
-                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + i * K + g * GROUP + 32));
-                const float xg = 8.f * (float)xsum[i * G + g];
-                for (int j = 0; j < nn; ++j) {
-                    /* unsigned weights x signed activations: pair sums stay in int16 (15*127*2) */
-                    const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo[j], x0), ones),
-                                                       _mm256_madd_epi16(_mm256_maddubs_epi16(hi[j], x1), ones));
-                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(dj[j]), acc[i][j]);
-                    corr[i][j] += dj[j] * xg;
-                }
-            }
-        }
-        for (int i = 0; i < M; ++i)
-            for (int j = 0; j < nn; ++j) {
-                float v = (hsum_ps(acc[i][j]) - corr[i][j]) * xs[i];
-                if (bias) v += bias[n0 + j];
-                y[i * N + n0 + j] = v;
-            }
+    for (int64_t b = 0; b < full; ++b) block(xq, xs, xsum, K, w, d, bias, N, b * nb, y);
+    for (int64_t n = full * nb; n < N; ++n) single(xq, xs, xsum, K, w, d, bias, N, n, y);
+}
+
+/* The whole layer in one call from Python: quantize x [M, K] (M in 1..MMAX, checked by the caller)
+ * into scratch and run q4_linear. One foreign call instead of two and no scratch tensors: a draft
+ * step makes about a hundred of these calls, and each torch allocation or call costs microseconds. */
+int q4_linear_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *d, const float *bias,
+                  int64_t N, float *y) {
+    int8_t *xq = malloc((size_t)(M * K));
+    float *xs = malloc((size_t)M * sizeof(float));
+    int32_t *xsum = malloc((size_t)(M * (K / GROUP)) * sizeof(int32_t));
+    const int ok = xq && xs && xsum;
+    if (ok) {
+        q4_quantize_rows(x, M, K, xq, xs, xsum);
+        q4_linear(xq, xs, xsum, M, K, w, d, bias, N, y);
     }
+    free(xq);
+    free(xs);
+    free(xsum);
+    return ok ? 0 : -1;
 }

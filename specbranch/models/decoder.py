@@ -87,9 +87,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in Hugging Face's "rotate half" layout, ``x * cos + rotate_half(x) * sin``
+    with ``rotate_half(x) = cat(-x2, x1)``. Here the minus sign lives in ``signed_sin`` (first half
+    negated), so rotate_half is one ``roll``: two ops fewer per call, and bit-identical, since
+    ``(-a) * b == a * (-b)`` exactly."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 def causal_mask(t: int, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -204,7 +207,7 @@ class Decoder:
         self.lm_head = lin("lm_head", head, None)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self._rope_len = 0
-        self._cos = self._sin = torch.empty(0)
+        self._cos = self._signed_sin = torch.empty(0)
         self.device = torch.device("cpu")
 
     def to(self, device: str | torch.device) -> "Decoder":
@@ -250,7 +253,8 @@ class Decoder:
         )
 
     def _rope(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin ``[t, head_dim]`` for positions ``start .. start+t-1`` (table grown on demand)."""
+        """cos and signed sin (see :func:`rope`) ``[t, head_dim]`` for positions ``start .. start+t-1``
+        (table grown on demand)."""
         need = start + t
         if need > self._rope_len:
             n = max(need, 2 * self._rope_len, 1024)
@@ -258,9 +262,11 @@ class Decoder:
             inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
             freqs = torch.outer(torch.arange(n, dtype=torch.float64), inv)  # [n, d/2]
             emb = torch.cat([freqs, freqs], dim=-1)  # [n, d]
-            self._cos, self._sin = emb.cos().to(self.device, self.dtype), emb.sin().to(self.device, self.dtype)
+            sin = emb.sin()
+            sin[:, : d // 2] *= -1
+            self._cos, self._signed_sin = emb.cos().to(self.device, self.dtype), sin.to(self.device, self.dtype)
             self._rope_len = n
-        return self._cos[start:need], self._sin[start:need]
+        return self._cos[start:need], self._signed_sin[start:need]
 
     @torch.inference_mode()
     def forward(
@@ -274,6 +280,7 @@ class Decoder:
         when the cache is forked, else 1. ``hidden_layers`` are indices into the per-layer
         outputs (0 = embeddings, num_layers = final pre-norm output, negatives allowed)."""
         c = self.cfg
+        hq, hkv, d = c.num_heads, c.num_kv_heads, c.head_dim
         rows, t = tokens.shape
         if rows != cache.rows():
             raise ValueError(f"forward got {rows} rows but the cache expects {cache.rows()}")
@@ -285,15 +292,11 @@ class Decoder:
         kept = [h] if 0 in want else []
         for i, layer in enumerate(self.layers):
             a = rms_norm(h, layer.ln_attn, c.rms_norm_eps)
-            qkv = layer.qkv(a)  # [rows, t, (Hq + 2 Hkv) * D]
-            q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
-            q = q.view(rows, t, c.num_heads, c.head_dim).transpose(1, 2)  # [rows, Hq, t, D]
-            k = k.view(rows, t, c.num_kv_heads, c.head_dim).transpose(1, 2)  # [rows, Hkv, t, D]
-            v = v.view(rows, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            qkv = layer.qkv(a).view(rows, t, hq + 2 * hkv, d).transpose(1, 2)  # [rows, Hq + 2 Hkv, t, D]
+            q, k = rope(qkv[:, : hq + hkv], cos, sin).split([hq, hkv], 1)  # q and k rotated in one go
+            v = qkv[:, hq + hkv :]  # [rows, Hkv, t, D]
             o = attend(q, cache.write(i, k, v), self.scale)  # [rows, Hq, t, D]
-            h = h + layer.o(o.transpose(1, 2).reshape(rows, t, c.num_heads * c.head_dim))
+            h = h + layer.o(o.transpose(1, 2).reshape(rows, t, hq * d))
             m = rms_norm(h, layer.ln_mlp, c.rms_norm_eps)
             gate, up = layer.gate_up(m).chunk(2, dim=-1)  # [rows, t, I] each
             h = h + layer.down(F.silu(gate) * up)

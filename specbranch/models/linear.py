@@ -110,7 +110,7 @@ class Int4Linear:
     """
 
     GROUP = 64
-    MAX_ROWS = 4  # measured: at 4 rows int4 is level with FBGEMM int8 on one core, below it on two
+    MAX_ROWS = 4  # the kernel is specialized for 1-4 rows (decode steps, k <= 4 branch rows)
 
     def __init__(self, base: Int8Linear, packed: torch.Tensor, scales: torch.Tensor) -> None:
         from ..kernels import library
@@ -136,14 +136,13 @@ class Int4Linear:
         rows = x.numel() // k
         if rows > self.MAX_ROWS:
             return self.base(x)
-        x2 = x.reshape(rows, k).float().contiguous()  # [rows, K]
-        xq = torch.empty(rows, k, dtype=torch.int8)
-        xs = torch.empty(rows)
-        xsum = torch.empty(rows, k // self.GROUP, dtype=torch.int32)
+        x2 = x.reshape(rows, k)  # [rows, K]
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
         y = torch.empty(rows, n)
-        self.lib.q4_quantize_rows(x2.data_ptr(), rows, k, xq.data_ptr(), xs.data_ptr(), xsum.data_ptr())
-        self.lib.q4_linear(xq.data_ptr(), xs.data_ptr(), xsum.data_ptr(), rows, k, self.packed.data_ptr(),
-                           self.scales.data_ptr(), None if self.bias is None else self.bias.data_ptr(), n, y.data_ptr())
+        if self.lib.q4_linear_f32(x2.data_ptr(), rows, k, self.packed.data_ptr(), self.scales.data_ptr(),
+                                  None if self.bias is None else self.bias.data_ptr(), n, y.data_ptr()):
+            raise MemoryError(f"int4 linear: no memory for {rows}x{k} activation scratch")
         return y.view(*x.shape[:-1], n).to(x.dtype)
 
     def rows(self, ids: torch.Tensor) -> "Int4Linear":
