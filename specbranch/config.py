@@ -175,6 +175,53 @@ class SpeculationConfig:
 
 BENCH_ENGINES = (*ENGINES, "hf-assisted")
 HF_PRECISIONS = ("int8", "bf16", "fp32")
+ENGINE_OVERRIDES = {"gamma": int, "branches": int, "tau": float}  # settable per bench entry with @key=value
+
+
+@dataclass(frozen=True)
+class BenchEngine:
+    """One entry of ``--engines``: ``NAME[:MODE][@key=value...]``, e.g. ``specbranch:hybrid`` or
+    ``pearl@gamma=5`` or ``specbranch@gamma=6@tau=0.3``. Overrides let one run compare settings
+    (γ, k, τ) side by side, so their ratios come from the same run."""
+
+    label: str  # the entry as written: the name rows of the report carry
+    name: str  # ar, sd, pearl, specbranch or hf-assisted
+    drafting: str = ""  # specbranch only: a pinned drafting mode
+    overrides: tuple[tuple[str, int | float], ...] = ()
+
+    @classmethod
+    def parse(cls, entry: str) -> "BenchEngine":
+        head, *pairs = entry.split("@")
+        name, _, drafting = head.partition(":")
+        if name not in BENCH_ENGINES:
+            raise ConfigError(f"unknown engine {name!r} in {entry!r}; choose from {', '.join(BENCH_ENGINES)}")
+        if drafting and (name != "specbranch" or drafting not in DRAFTING):
+            raise ConfigError(f"unknown engine {entry!r}: only specbranch takes a drafting mode, one of "
+                              f"{', '.join(DRAFTING)}")
+        if pairs and name in ("ar", "hf-assisted"):
+            raise ConfigError(f"{entry!r}: {name} has no speculation settings to override")
+        overrides = []
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            if key not in ENGINE_OVERRIDES or not value:
+                raise ConfigError(f"{entry!r}: bad override {pair!r}; write @key=value with key one of "
+                                  f"{', '.join(ENGINE_OVERRIDES)} (e.g. pearl@gamma=5)")
+            try:
+                overrides.append((key, ENGINE_OVERRIDES[key](value)))
+            except ValueError:
+                raise ConfigError(f"{entry!r}: {key} must be a number (got {value!r})") from None
+        engine = cls(entry, name, drafting, tuple(overrides))
+        engine.speculation(SpeculationConfig())  # range checks (gamma 1..16, tau in [0, 1), ...) now, not mid-run
+        return engine
+
+    def speculation(self, base: SpeculationConfig) -> SpeculationConfig:
+        """``base`` with this entry's drafting mode and overrides applied."""
+        from dataclasses import replace
+
+        changes = dict(self.overrides)
+        if self.drafting:
+            changes["drafting"] = self.drafting
+        return replace(base, **changes) if changes else base
 
 
 @dataclass(frozen=True)
@@ -188,7 +235,9 @@ class BenchConfig:
     )
     num_prompts: int = _help("prompts per dataset (the first N)", default=10)
     engines: str = _help("comma-separated engines to compare: " + ", ".join(BENCH_ENGINES)
-                         + "; specbranch:MODE pins its drafting mode (" + ", ".join(DRAFTING) + ") for ablations"
+                         + "; specbranch:MODE pins its drafting mode (" + ", ".join(DRAFTING) + ") for ablations;"
+                         + " @key=value overrides " + ", ".join(ENGINE_OVERRIDES) + " for one entry, e.g."
+                         + " pearl@gamma=5,specbranch@gamma=6@tau=0.3, to compare settings in one run"
                          + " (ar is always run: it is the denominator of every speedup)",
                          default="ar,sd,pearl,specbranch")
     max_new_tokens: int = _help("new tokens per generation (EOS ends a generation earlier)", default=128)
@@ -211,11 +260,7 @@ class BenchConfig:
             raise ConfigError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
         if self.warmup < 0 or self.repeats < 1:
             raise ConfigError(f"need warmup >= 0 and repeats >= 1 (got {self.warmup}, {self.repeats})")
-        unknown = [e for e in self.engine_list
-                   if e.partition(":")[0] not in BENCH_ENGINES or (":" in e and (not e.startswith("specbranch:")
-                                                                            or e.partition(":")[2] not in DRAFTING))]
-        if unknown:
-            raise ConfigError(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(BENCH_ENGINES)}")
+        self.parsed_engines  # raises ConfigError on a bad entry
         if not self.dataset_list:
             raise ConfigError("no dataset given: pass --datasets humaneval or a JSONL path")
 
@@ -224,6 +269,10 @@ class BenchConfig:
         """The engines in run order, `ar` first and exactly once."""
         named = [e.strip() for e in self.engines.split(",") if e.strip()]
         return ["ar"] + [e for e in dict.fromkeys(named) if e != "ar"]
+
+    @property
+    def parsed_engines(self) -> list[BenchEngine]:
+        return [BenchEngine.parse(e) for e in self.engine_list]
 
     @property
     def dataset_list(self) -> list[str]:

@@ -11,7 +11,7 @@ from specbranch.bench.datasets import humaneval_path, load_prompts
 from specbranch.bench.humaneval import extract_code, pass_at_1
 from specbranch.bench.report import aggregate, write_report
 from specbranch.bench.runner import Bench
-from specbranch.config import BenchConfig, ModelConfig, SamplingConfig, SpeculationConfig
+from specbranch.config import BenchEngine, BenchConfig, ModelConfig, SamplingConfig, SpeculationConfig
 from specbranch.errors import ConfigError
 from specbranch.pipeline import Pipeline
 
@@ -55,10 +55,35 @@ def test_bench_config_validates():
     assert BenchConfig(engines="specbranch:fixed,specbranch:hybrid").engine_list[1:] == ["specbranch:fixed", "specbranch:hybrid"]
     with pytest.raises(ConfigError, match="unknown engine"):
         BenchConfig(engines="specbranch:warp")
-    with pytest.raises(ConfigError, match="unknown engine"):
+    with pytest.raises(ConfigError, match="only specbranch takes a drafting mode"):
         BenchConfig(engines="sd:fixed")
     quick = BenchConfig(quick=True).resolved()
     assert (quick.num_prompts, quick.max_new_tokens, quick.dataset_list) == (3, 64, ["humaneval"])
+
+
+def test_bench_engine_entries_take_per_engine_overrides():
+    e = BenchEngine.parse("specbranch:fixed@gamma=6@tau=0.25")
+    assert (e.label, e.name, e.drafting) == ("specbranch:fixed@gamma=6@tau=0.25", "specbranch", "fixed")
+    spec = e.speculation(SpeculationConfig(gamma=3, branches=2))
+    assert (spec.gamma, spec.tau, spec.drafting, spec.branches) == (6, 0.25, "fixed", 2)
+    assert BenchEngine.parse("sd").speculation(spec) is spec  # nothing to change
+    for bad, msg in [("pearl@gamma", "bad override"), ("pearl@speed=2", "bad override"),
+                     ("pearl@gamma=x", "must be a number"), ("pearl@gamma=40", "gamma must be in"),
+                     ("specbranch@tau=1.5", "tau must be in"), ("ar@gamma=3", "no speculation settings"),
+                     ("hf-assisted@gamma=3", "no speculation settings")]:
+        with pytest.raises(ConfigError, match=msg):
+            BenchConfig(engines=bad)
+
+
+def test_bench_overrides_reach_the_engine(tiny_pair, tmp_path):
+    # the target drafts for itself, so every draft passes and a round's length is set by gamma alone
+    models = ModelConfig(target=str(tiny_pair["target"]), draft=str(tiny_pair["target"]), precision="fp32")
+    bench = BenchConfig(datasets="humaneval", num_prompts=1, engines="pearl,pearl@gamma=2", max_new_tokens=16,
+                        warmup=0, out=str(tmp_path / "out"))
+    result = Bench(Pipeline(models, progress=False), bench, SamplingConfig(), SpeculationConfig(gamma=5)).run(False)
+    lengths = {r.engine: r.metrics["accepted_lengths"] for r in result.runs}
+    assert max(lengths["pearl@gamma=2"]) <= 2 < max(lengths["pearl"])  # a round commits at most gamma tokens
+    assert all(r.matches_ar for r in result.runs)
 
 
 def test_bench_on_the_tiny_pair(tiny_pair, tmp_path):

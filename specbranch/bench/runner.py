@@ -7,12 +7,12 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..config import BenchConfig, GenerationConfig, ModelConfig, RuntimeConfig, SamplingConfig, SpeculationConfig
+from ..config import BenchConfig, BenchEngine, GenerationConfig, ModelConfig, RuntimeConfig, SamplingConfig, SpeculationConfig
 from ..metrics import Metrics
 from ..pipeline import Pipeline
 from .datasets import Prompt, load_prompts
@@ -79,10 +79,9 @@ class Bench:
             tokens, wall = self.hf.generate(ids, max_new_tokens, self.sampling)
             m = Metrics(new_tokens=len(tokens), prompt_tokens=len(ids), wall_time_s=wall)
             return tokens, self.pipe.tokenizer.decode(tokens), m.summary()
-        name, _, drafting = engine.partition(":")  # specbranch:MODE, an ablation of the drafting policy
-        spec = replace(self.spec, drafting=drafting) if drafting else self.spec
-        r = self.pipe.generate(ids, GenerationConfig(max_new_tokens=max_new_tokens, engine=name), self.sampling,
-                               spec=spec)
+        entry = BenchEngine.parse(engine)  # e.g. specbranch:hybrid or pearl@gamma=5: ablations and sweeps
+        r = self.pipe.generate(ids, GenerationConfig(max_new_tokens=max_new_tokens, engine=entry.name), self.sampling,
+                               spec=entry.speculation(self.spec))
         return r.tokens, r.text, r.metrics.summary()
 
     def run(self, progress: bool = True) -> BenchResult:
