@@ -15,7 +15,6 @@ import torch
 
 from ..config import GenerationConfig, ModelConfig, SamplingConfig
 from ..engines import AREngine, generate
-from ..models.linear import Int4Linear, Int8Linear
 from ..pipeline import LoadedModel, Pipeline
 from .datasets import load_prompts
 
@@ -37,14 +36,7 @@ def weight_bytes_per_token(model: LoadedModel) -> int:
     the norms; the embedding table contributes one row."""
     dec = model.backend.decoder
     total = dec.embed.shape[1] * dec.embed.element_size() + dec.norm.numel() * dec.norm.element_size()
-    for lin in dec.linears().values():
-        lin = getattr(lin, "inner", lin)  # a reduced-vocabulary head reads only its subset's rows
-        if isinstance(lin, Int4Linear):  # a decode step reads the int4 copy, not its int8 fallback
-            total += lin.packed.numel() + lin.scales.numel() * 4 + (0 if lin.bias is None else lin.bias.numel() * 4)
-        elif isinstance(lin, Int8Linear):
-            total += lin.qweight.numel() + lin.scale.numel() * 4 + (0 if lin.bias is None else lin.bias.numel() * 4)
-        else:
-            total += lin.weight.numel() * lin.weight.element_size()
+    total += sum(lin.read_bytes() for lin in dec.linears().values())
     for layer in dec.layers:
         total += (layer.ln_attn.numel() + layer.ln_mlp.numel()) * layer.ln_attn.element_size()
     return total

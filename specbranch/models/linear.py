@@ -23,6 +23,10 @@ PRECISIONS = ("fp32", "bf16", "int8", "fp64")
 DRAFT_PRECISIONS = ("int4", *PRECISIONS)
 
 
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 class DenseLinear:
     """``y = x W^T + b`` with the weight stored in ``weight_dtype`` (fp32, bf16 or fp64)."""
 
@@ -33,6 +37,10 @@ class DenseLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+
+    def read_bytes(self) -> int:
+        """Bytes one decode step reads from this layer (the roofline's numerator)."""
+        return _nbytes(self.weight, self.bias)
 
     def to(self, device: torch.device) -> "DenseLinear":
         self.weight = self.weight.to(device)
@@ -78,6 +86,9 @@ class Int8Linear:
                 )
             self.packed = torch.ops.quantized.linear_prepack(qw, None)
         return self
+
+    def read_bytes(self) -> int:
+        return _nbytes(self.qweight, self.scale, self.bias)
 
     def rows(self, ids: torch.Tensor) -> "Int8Linear":
         """The same layer restricted to output rows ``ids`` (for a reduced LM head), packed."""
@@ -145,6 +156,10 @@ class Int4Linear:
             raise MemoryError(f"int4 linear: no memory for {rows}x{k} activation scratch")
         return y.view(*x.shape[:-1], n).to(x.dtype)
 
+    def read_bytes(self) -> int:
+        """A decode step reads the int4 copy, not the int8 fallback."""
+        return _nbytes(self.packed, self.scales, self.bias)
+
     def rows(self, ids: torch.Tensor) -> "Int4Linear":
         """The same layer restricted to output rows ``ids`` (for a reduced LM head)."""
         return Int4Linear(self.base.rows(ids), self.packed[ids].contiguous(), self.scales[ids].contiguous())
@@ -200,6 +215,9 @@ class VocabSubsetHead:
         self.inner = inner  # a linear over the subset rows: [.., H] -> [.., len(ids)]
         self.ids = ids.long()
         self.out_features = vocab_size
+
+    def read_bytes(self) -> int:
+        return self.inner.read_bytes()  # only the subset's rows are read
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         sub = self.inner(x)  # [..., n]
