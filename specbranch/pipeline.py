@@ -254,7 +254,10 @@ class Pipeline:
             raise ConfigError(f"drafting {drafting!r} needs an H-RAD predictor and none is shipped for "
                               f"{self.target.name} + {self.draft.name}: train one (`specbranch train-hrad`) and "
                               "pass --hrad-predictor, or use --drafting confidence")
-        return replace(spec, drafting=drafting), predictor if drafting in ("hrad", "hybrid") else None
+        if drafting not in ("hrad", "hybrid"):
+            return replace(spec, drafting=drafting), None
+        # the predictor's classes are buckets of gamma - 1 tokens for the gamma it was trained at
+        return replace(spec, drafting=drafting, gamma=spec.gamma or predictor.cfg.gamma), predictor
 
     @property
     def target_hidden_size(self) -> int:

@@ -59,7 +59,7 @@ def test_gamma_zero_means_each_engines_default():
     from specbranch.config import GAMMA_DEFAULTS, SpeculationConfig
 
     assert SpeculationConfig().gamma_for("sd") == GAMMA_DEFAULTS["sd"] == 6
-    assert SpeculationConfig().gamma_for("specbranch") == GAMMA_DEFAULTS["specbranch"] == 4
+    assert SpeculationConfig().gamma_for("specbranch") == GAMMA_DEFAULTS["specbranch"] == 7
     assert SpeculationConfig(gamma=3).gamma_for("sd") == 3  # an explicit gamma pins every engine
 
 

@@ -71,14 +71,23 @@ def test_collect_fit_and_use_on_the_tiny_pair(close_pair, tmp_path, capsys):
     pair = ["--target", close_pair.target, "--draft", close_pair.draft, "--precision", "fp64"]
     traces = tmp_path / "traces"
     assert main(["train-hrad", "collect", "--prompts", str(prompts), "--num-prompts", "12", "--max-new-tokens", "40",
-                 "--layers", "2", "--tau", "0.2", "--out", str(traces), *pair]) == 0
+                 "--layers", "2", "--tau", "0.2", "--gamma", "3", "--out", str(traces), *pair]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["rounds"] >= 20 and sum(summary["class_counts"]) == summary["rounds"]
     out = tmp_path / "pred"
     assert main(["train-hrad", "fit", "--traces", str(traces), "--out", str(out), "--epochs", "20"]) == 0
     assert "held-out accuracy" in capsys.readouterr().out
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["target"] == close_pair.target and meta["num_layers"] == 2
+    assert meta["target"] == close_pair.target and meta["num_layers"] == 2 and meta["gamma"] == 3
+    # H-RAD drafting runs at the gamma its classes were bucketed for, unless gamma is given
+    from specbranch.config import ModelConfig, SpeculationConfig
+    from specbranch.pipeline import Pipeline
+
+    pipe = Pipeline(ModelConfig(target=close_pair.target, draft=close_pair.draft, precision="fp64"), progress=False)
+    spec, predictor = pipe.speculation(SpeculationConfig(drafting="hybrid", hrad_predictor=str(out)))
+    assert spec.gamma == 3 and predictor is not None
+    assert pipe.speculation(SpeculationConfig(gamma=5, drafting="hybrid", hrad_predictor=str(out)))[0].gamma == 5
+    assert pipe.speculation(SpeculationConfig(drafting="confidence"))[0].gamma == 0  # the engine default
     assert out.with_suffix(".safetensors").stat().st_size < 2_000_000
     base = ["generate", "def add(a, b):", "--no-chat-template", "--max-new-tokens", "20", "-q", *pair]
     assert main(base + ["--engine", "ar"]) == 0
