@@ -111,6 +111,10 @@ def test_int4_linear_falls_back_to_int8_for_large_batches():
     lin, w = int4_layer()
     x = torch.randn(2, lin.MAX_ROWS + 1, 192)  # 10 rows: the prompt-sized path
     assert torch.equal(lin(x), lin.base(x))
+    assert lin(x[:0]).shape == (0, lin.MAX_ROWS + 1, lin.out_features)
+    y = torch.empty(lin.MAX_ROWS + 1, lin.out_features)  # the kernel itself refuses what it has no code for
+    assert lin.lib.q4_linear_f32(x[0].contiguous().data_ptr(), lin.MAX_ROWS + 1, 192, lin.packed.data_ptr(),
+                                 lin.scales.data_ptr(), None, lin.out_features, y.data_ptr()) == -2
     small = x[0, :2]
     assert not torch.equal(lin(small), lin.base(small))  # below the limit the int4 weights serve
     want = torch.nn.functional.linear(small, w, lin.bias)

@@ -124,11 +124,12 @@ void q4_linear(const int8_t *xq, const float *xs, const int32_t *xsum, int64_t M
     for (int64_t n = full * nb; n < N; ++n) single(xq, xs, xsum, K, w, d, bias, N, n, y);
 }
 
-/* The whole layer in one call from Python: quantize x [M, K] (M in 1..MMAX, checked by the caller)
+/* The whole layer in one call from Python: quantize x [M, K] (M in 1..MMAX, else -2)
  * into scratch and run q4_linear. One foreign call instead of two and no scratch tensors: a draft
  * step makes about a hundred of these calls, and each torch allocation or call costs microseconds. */
 int q4_linear_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *d, const float *bias,
                   int64_t N, float *y) {
+    if (M < 1 || M > MMAX) return -2; /* the kernels exist for 1..MMAX rows only */
     int8_t *xq = malloc((size_t)(M * K));
     float *xs = malloc((size_t)M * sizeof(float));
     int32_t *xsum = malloc((size_t)(M * (K / GROUP)) * sizeof(int32_t));
@@ -140,5 +141,5 @@ int q4_linear_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, const 
     free(xq);
     free(xs);
     free(xsum);
-    return ok ? 0 : -1;
+    return ok ? 0 : -1; /* -1: out of memory */
 }

@@ -145,15 +145,17 @@ class Int4Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.in_features, self.out_features
         rows = x.numel() // k
-        if rows > self.MAX_ROWS:
+        if rows > self.MAX_ROWS or rows == 0:
             return self.base(x)
         x2 = x.reshape(rows, k)  # [rows, K]
         if x2.dtype != torch.float32 or not x2.is_contiguous():
             x2 = x2.float().contiguous()
         y = torch.empty(rows, n)
-        if self.lib.q4_linear_f32(x2.data_ptr(), rows, k, self.packed.data_ptr(), self.scales.data_ptr(),
-                                  None if self.bias is None else self.bias.data_ptr(), n, y.data_ptr()):
-            raise MemoryError(f"int4 linear: no memory for {rows}x{k} activation scratch")
+        err = self.lib.q4_linear_f32(x2.data_ptr(), rows, k, self.packed.data_ptr(), self.scales.data_ptr(),
+                                     None if self.bias is None else self.bias.data_ptr(), n, y.data_ptr())
+        if err:
+            raise MemoryError(f"int4 linear: no memory for {rows}x{k} activation scratch") if err == -1 else \
+                ValueError(f"int4 linear: {rows} rows, the kernel takes 1..{self.MAX_ROWS}")
         return y.view(*x.shape[:-1], n).to(x.dtype)
 
     def read_bytes(self) -> int:
