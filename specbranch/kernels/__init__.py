@@ -83,10 +83,6 @@ def library() -> ctypes.CDLL:
             Path(tmp).unlink(missing_ok=True)
     lib = ctypes.CDLL(str(out))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.q4_quantize_rows.argtypes = [p, i64, i64, p, p, p]
-    lib.q4_quantize_rows.restype = None
-    lib.q4_linear.argtypes = [p, p, p, i64, i64, p, p, p, i64, p]
-    lib.q4_linear.restype = None
     lib.q4_linear_f32.argtypes = [p, i64, i64, p, p, p, i64, p]
     lib.q4_linear_f32.restype = ctypes.c_int
     return lib

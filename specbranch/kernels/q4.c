@@ -20,7 +20,7 @@
 #include <stdlib.h>
 
 #define GROUP 64
-#define MMAX 4 /* most activation rows per call (the caller checks) */
+#define MMAX 4 /* most activation rows per call (q4_linear_f32 checks) */
 
 
 static inline float hsum_ps(__m256 v) {
@@ -31,7 +31,7 @@ static inline float hsum_ps(__m256 v) {
 }
 
 /* x [M, K] float -> xq [M, K] int8, xs [M] per-row scale, xsum [M, K/GROUP] group sums of xq. */
-void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xs, int32_t *xsum) {
+static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xs, int32_t *xsum) {
     const int64_t G = K / GROUP;
     for (int64_t m = 0; m < M; ++m) {
         const float *r = x + m * K;
@@ -112,7 +112,7 @@ typedef void (*q4_block_fn)(const int8_t *, const float *, const int32_t *, int6
 
 /* y[M, N] for M in 1..MMAX: blocks of NB weight rows split over the OpenMP threads; a tail of fewer
  * than NB weight rows goes one row at a time. */
-void q4_linear(const int8_t *xq, const float *xs, const int32_t *xsum, int64_t M, int64_t K, const uint8_t *w,
+static void q4_linear(const int8_t *xq, const float *xs, const int32_t *xsum, int64_t M, int64_t K, const uint8_t *w,
                const float *d, const float *bias, int64_t N, float *y) {
     static const q4_block_fn blocks[MMAX + 1] = {0, q4_block_1_4, q4_block_2_4, q4_block_3_2, q4_block_4_2};
     static const q4_block_fn singles[MMAX + 1] = {0, q4_block_1_1, q4_block_2_1, q4_block_3_1, q4_block_4_1};
