@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Sequence
 
 from .config import (
-    BenchConfig, GenerationConfig, ModelConfig, RuntimeConfig, SamplingConfig, ServeConfig, SpeculationConfig,
-    field_specs,
+    GAMMA_DEFAULTS, BenchConfig, GenerationConfig, ModelConfig, RuntimeConfig, SamplingConfig, ServeConfig,
+    SpeculationConfig, field_specs,
 )
 from .errors import SpecBranchError
 
@@ -244,10 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--layers", type=int, default=4, help="last N target layers whose hidden states are features "
                    "(default: %(default)s)")
     c.add_argument("--out", default="traces/hrad", help="trace folder (default: %(default)s)")
-    for name in ("gamma", "branches", "tau"):
-        spec_field = next(f for f in fields(SpeculationConfig) if f.name == name)
-        c.add_argument("--" + name, type=type(spec_field.default), default=spec_field.default,
-                       help=spec_field.metadata["help"] + " (default: %(default)s)")
+    c.add_argument("--gamma", type=int, default=0, help="draft length the labels are bucketed for: blocks of "
+                   "gamma - 1 tokens; the predictor drafts at this gamma (default: specbranch's, %s)"
+                   % GAMMA_DEFAULTS["specbranch"])
     for name in ("target", "draft", "precision"):
         model_field = next(f for f in fields(ModelConfig) if f.name == name)
         c.add_argument("--" + name, default=model_field.default, help=model_field.metadata["help"] + " (default: %(default)s)")

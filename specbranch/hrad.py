@@ -223,10 +223,27 @@ def evaluate(pred: HRADPredictor, x: torch.Tensor, y: torch.Tensor) -> tuple[lis
     return conf.tolist(), acc
 
 
+def split(groups: torch.Tensor, fraction: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row indices of three disjoint splits (test, val, train), test and val about ``fraction`` of
+    the rows each, with every group (``groups [n]``, one id per row) whole inside one split. Why: the
+    traces of one decode are neighbouring positions of one text, near-duplicates of each other; a
+    split that scattered them would test the predictor on what it was trained on."""
+    ids, inv = torch.unique(groups, return_inverse=True)
+    order = torch.randperm(len(ids), generator=g)  # groups in a random order...
+    sizes = torch.bincount(inv, minlength=len(ids))[order]
+    before = sizes.cumsum(0) - sizes  # ...each preceded by this many rows
+    n = max(1, int(len(groups) * fraction))
+    part = torch.empty_like(order)
+    part[order] = (before >= n).long() + (before >= 2 * n).long()  # per group: 0 test, 1 val, 2 train
+    rows = torch.randperm(len(groups), generator=g)
+    return tuple(rows[part[inv[rows]] == k] for k in range(3))
+
+
 def fit(
     x: torch.Tensor,
     y: torch.Tensor,
     cfg: HRADConfig,
+    groups: torch.Tensor | None = None,
     *,
     val_fraction: float = 0.2,
     epochs: int = 200,
@@ -239,20 +256,19 @@ def fit(
 ) -> tuple[HRADPredictor, FitReport]:
     """Train on features ``x [n, F]`` and labels ``y [n]``: class-balanced cross-entropy, early stopping
     on a validation split's balanced loss (the best epoch's weights are kept), decision thresholds
-    calibrated on that split (:func:`calibrate`), and the report measured on a third, test split."""
+    calibrated on that split (:func:`calibrate`), and the report measured on a third, test split.
+    ``groups [n]`` (e.g. the prompt each trace came from) keeps every group inside one split."""
     from tqdm import tqdm
 
     if x.ndim != 2 or x.shape[1] != cfg.in_features or len(x) != len(y):
         raise ConfigError(f"traces have features {tuple(x.shape)} / labels {tuple(y.shape)}; "
                           f"expected [n, {cfg.in_features}] and [n]")
     if len(y) < 20:
-        raise ConfigError(f"only {len(y)} traced rounds: collect more prompts before training")
+        raise ConfigError(f"only {len(y)} traces: collect more prompts before training")
+    if groups is not None and len(groups) != len(y):
+        raise ConfigError(f"{len(groups)} group ids for {len(y)} traces")
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(y), generator=g)
-    n_val = max(1, int(len(y) * val_fraction))
-    # three disjoint splits: test (the figures reported), val (early stopping and the decision
-    # thresholds), train
-    test, val, train = order[:n_val], order[n_val : 2 * n_val], order[2 * n_val :]
+    test, val, train = split(groups if groups is not None else torch.arange(len(y)), val_fraction, g)
     x, y = x.float(), y.long()
     counts = torch.bincount(y, minlength=len(CLASSES))
     weight = counts.sum() / (len(CLASSES) * counts.clamp_min(1)).float()  # class-balanced
@@ -297,7 +313,7 @@ def fit(
     precision = [conf[i][i] / max(1, sum(conf[j][i] for j in range(k))) for i in range(k)]
     present = [i for i in range(k) if sum(conf[i])]
     balanced = sum(recall[i] for i in present) / max(1, len(present))
-    report = FitReport(acc, balanced, precision, recall, conf, len(train), n_val, counts.tolist(), len(history),
+    report = FitReport(acc, balanced, precision, recall, conf, len(train), len(test), counts.tolist(), len(history),
                        reject, accept, history)
     return pred, report
 
@@ -305,18 +321,22 @@ def fit(
 # ---------------------------------------------------------------- traces on disk
 
 
-def save_traces(folder: str | Path, x: torch.Tensor, y: torch.Tensor, meta: dict, shard: int = 0) -> Path:
-    """One shard ``traces-NNNNN.safetensors`` (``features`` fp16 ``[n, F]``, ``labels`` int64 ``[n]``)
-    and ``meta.json`` (the HRADConfig fields plus how the traces were made)."""
+def save_traces(folder: str | Path, x: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, meta: dict,
+                shard: int = 0) -> Path:
+    """One shard ``traces-NNNNN.safetensors`` (``features`` fp16 ``[n, F]``, ``labels`` int64 ``[n]``,
+    ``groups`` int64 ``[n]``: the prompt each trace came from) and ``meta.json`` (the HRADConfig fields
+    plus how the traces were made)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"traces-{shard:05d}.safetensors"
-    save_file({"features": x.half().contiguous(), "labels": y.long().contiguous()}, str(path))
+    save_file({"features": x.half().contiguous(), "labels": y.long().contiguous(),
+               "groups": groups.long().contiguous()}, str(path))
     (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     return path
 
 
-def load_traces(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def load_traces(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """-> features ``[n, F]``, labels ``[n]``, group ids ``[n]`` (distinct across shards), meta."""
     folder = Path(folder)
     shards = sorted(folder.glob("traces-*.safetensors"))
     if not shards or not (folder / "meta.json").is_file():
@@ -325,4 +345,13 @@ def load_traces(folder: str | Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
     parts = [load_file(str(s)) for s in shards]
     x = torch.cat([p["features"] for p in parts]).float()
     y = torch.cat([p["labels"] for p in parts])
-    return x, y, json.loads((folder / "meta.json").read_text())
+    return x, y, distinct_groups([p["groups"] for p in parts]), json.loads((folder / "meta.json").read_text())
+
+
+def distinct_groups(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate group ids of several shards or folders, shifting each so none collide."""
+    out, offset = [], 0
+    for g in parts:
+        out.append(g + offset)
+        offset += int(g.max()) + 1 if len(g) else 0
+    return torch.cat(out)

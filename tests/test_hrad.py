@@ -7,8 +7,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from specbranch.config import GenerationConfig
 from specbranch.errors import ConfigError
-from specbranch.hrad import HRADConfig, HRADPredictor, bucket, calibrate, decide, fit, load_traces, save_traces
+from specbranch.hrad import HRADConfig, HRADPredictor, bucket, calibrate, decide, fit, load_traces, save_traces, split
 
 
 def test_bucket_edges_follow_gamma():
@@ -48,15 +49,61 @@ def test_fit_learns_and_files_round_trip(tmp_path):
 
 def test_traces_round_trip_and_errors(tmp_path):
     x, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
-    save_traces(tmp_path, x[:20], y[:20], {"gamma": 4}, shard=0)
-    save_traces(tmp_path, x[20:], y[20:], {"gamma": 4}, shard=1)
-    x2, y2, meta = load_traces(tmp_path)
+    groups = torch.arange(30) // 5  # 6 prompts of 5 traces
+    save_traces(tmp_path, x[:20], y[:20], groups[:20], {"gamma": 4}, shard=0)
+    save_traces(tmp_path, x[20:], y[20:], groups[20:] - 4, {"gamma": 4}, shard=1)  # each shard counts from 0
+    x2, y2, g2, meta = load_traces(tmp_path)
     assert torch.allclose(x2, x, atol=1e-2) and torch.equal(y2, y) and meta == {"gamma": 4}
+    assert torch.equal(g2, groups)  # shard 1's prompts 0, 1 are told apart from shard 0's
     with pytest.raises(ConfigError, match="no H-RAD traces"):
         load_traces(tmp_path / "none")
     cfg = HRADConfig(hidden_size=3, num_layers=1)
     with pytest.raises(ConfigError, match="collect more"):
         fit(x[:10], y[:10], cfg, progress=False)
+    with pytest.raises(ConfigError, match="group ids"):
+        fit(x, y, HRADConfig(hidden_size=3, num_layers=1), groups[:10], progress=False)
+
+
+def test_split_keeps_each_group_in_one_split():
+    groups = torch.arange(1000) // 10  # 100 prompts of 10 traces
+    test, val, train = split(groups, 0.2, torch.Generator().manual_seed(0))
+    assert sorted(torch.cat([test, val, train]).tolist()) == list(range(1000))
+    sets = [set(groups[s].tolist()) for s in (test, val, train)]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert len(test) == len(val) == 200  # whole groups of 10 fill 20% exactly
+
+
+def test_position_traces_agree_with_the_engine_rounds(close_pair):
+    """The teacher-forced replay labels every position the way a real round starting there is
+    labelled: each round SpecBranch records (full blocks, fixed drafting) has a position trace with
+    the same features and the same label."""
+    from specbranch.config import ModelConfig, SamplingConfig, SpeculationConfig
+    from specbranch.engines import generate
+    from specbranch.engines.specbranch import SpecBranchEngine
+    from specbranch.pipeline import Pipeline
+    from specbranch.train_hrad import sequence_traces
+
+    pipe = Pipeline(ModelConfig(target=close_pair.target, draft=close_pair.draft, precision="fp64"), progress=False)
+    cfg = HRADConfig(pipe.target_hidden_size, num_layers=2, gamma=4)
+    engine = SpecBranchEngine(pipe.target.backend, pipe.draft.backend, SpeculationConfig(gamma=4, drafting="fixed"))
+    rounds = engine.target_side.record_traces(cfg)
+    labels, checked = [], 0
+    for text in ("def add(a, b):", "class Stack:", "import os"):
+        ids = pipe.encode(text, chat_template=False)
+        rounds.clear()
+        out = generate(engine, ids, GenerationConfig(max_new_tokens=48), SamplingConfig())
+        x, y = sequence_traces(pipe.target.backend, pipe.draft.backend, ids + out.tokens, len(ids), cfg)
+        assert len(y) == len(out.tokens) - (cfg.gamma - 1)
+        for feats, label in rounds:
+            dist = (x - feats).abs().amax(1)
+            i = int(dist.argmin())
+            if float(dist[i]) > 1e-6:  # a round whose block runs past the end has no position trace
+                continue
+            assert int(y[i]) == label
+            checked += 1
+        labels += y.tolist()
+    assert checked >= 10
+    assert set(labels) == {0, 1, 2}  # every class occurs, so the comparison could fail
 
 
 def test_collect_fit_and_use_on_the_tiny_pair(close_pair, tmp_path, capsys):
@@ -71,9 +118,9 @@ def test_collect_fit_and_use_on_the_tiny_pair(close_pair, tmp_path, capsys):
     pair = ["--target", close_pair.target, "--draft", close_pair.draft, "--precision", "fp64"]
     traces = tmp_path / "traces"
     assert main(["train-hrad", "collect", "--prompts", str(prompts), "--num-prompts", "12", "--max-new-tokens", "40",
-                 "--layers", "2", "--tau", "0.2", "--gamma", "3", "--out", str(traces), *pair]) == 0
+                 "--layers", "2", "--gamma", "3", "--out", str(traces), *pair]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["rounds"] >= 20 and sum(summary["class_counts"]) == summary["rounds"]
+    assert summary["positions"] >= 100 and sum(summary["class_counts"]) == summary["positions"]
     out = tmp_path / "pred"
     assert main(["train-hrad", "fit", "--traces", str(traces), "--out", str(out), "--epochs", "20"]) == 0
     assert "held-out accuracy" in capsys.readouterr().out
