@@ -143,13 +143,14 @@ class SpeculationConfig:
     drafting: str = _help(
         "specbranch: who ends a drafted block. confidence: the draft's top-1 <= tau; fixed: always gamma-1 "
         "tokens; hrad: the H-RAD classifier on target features; hybrid: H-RAD with the confidence cut for "
-        "uncertain rounds; auto: confidence (the shipped H-RAD predictor measured no faster, see README)",
+        "uncertain rounds; auto: hybrid where an H-RAD predictor exists for the pair (one ships for the default "
+        "pair), else confidence",
         default="auto",
         choices=("auto", *DRAFTING),
     )
     hrad_predictor: str = _help(
-        "H-RAD predictor file (.safetensors + .json) for hrad/hybrid drafting (default: the one shipped for "
-        "the model pair, if any)",
+        "H-RAD predictor file (.safetensors + .json) for auto/hrad/hybrid drafting (default: the one shipped "
+        "for the model pair, if any)",
         default="",
     )
 

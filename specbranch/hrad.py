@@ -8,8 +8,8 @@ how the next pending block will fare:
 - class 1 *partial*: use the draft-confidence cut τ;
 - class 2 *accept all*: submit the whole block.
 
-Labels come from decoding traces of the pair: the number of the next pending block's tokens the
-target accepted, bucketed by :func:`bucket`. The predictor only decides how much is submitted and
+Labels come from decoding traces of the pair (:mod:`specbranch.train_hrad`): how many of the next
+block's ``gamma - 1`` draft tokens the target accepts, bucketed by :func:`bucket`. The predictor only decides how much is submitted and
 where the draft branches, never which token is accepted, so it cannot change the output.
 
 Files: ``<name>.safetensors`` (weights plus the feature standardisation, fp16) and ``<name>.json``
@@ -169,8 +169,8 @@ class FitReport:
 
     def text(self) -> str:
         lines = [
-            f"held-out accuracy {self.accuracy:.1%} (balanced {self.balanced_accuracy:.1%}) on {self.val_size} rounds; "
-            f"trained on {self.train_size} rounds for {self.epochs} epochs; class counts "
+            f"held-out accuracy {self.accuracy:.1%} (balanced {self.balanced_accuracy:.1%}) on {self.val_size} traces; "
+            f"trained on {self.train_size} traces for {self.epochs} epochs; class counts "
             + ", ".join(f"{c} {n}" for c, n in zip(CLASSES, self.class_counts)),
             f"decision: reject-soon if P >= {self.reject_threshold:.3f}, else accept-all if P >= "
             f"{self.accept_threshold:.3f}, else partial (thresholds > 1 never fire; calibrated on the validation split)",
@@ -248,7 +248,7 @@ def fit(
     val_fraction: float = 0.2,
     epochs: int = 200,
     patience: int = 15,
-    lr: float = 1e-3,
+    lr: float = 1e-4,  # 1e-3 overfits within the first epoch on real traces (7,680 inputs)
     weight_decay: float = 1e-4,
     batch_size: int = 256,
     seed: int = 0,

@@ -235,11 +235,11 @@ class Pipeline:
         return cls(self.target.backend, self.draft.backend, spec, predictor=predictor)
 
     def speculation(self, spec: SpeculationConfig | None) -> tuple[SpeculationConfig, HRADPredictor | None]:
-        """Resolve ``drafting=auto`` (:func:`~.policy.resolve_drafting`) and load the predictor the
-        drafting mode needs (once per file)."""
+        """Resolve ``drafting=auto`` (:func:`~.policy.resolve_drafting`: hybrid where a predictor
+        exists for this pair) and load the predictor the drafting mode needs (once per file)."""
         spec = spec or SpeculationConfig()
         predictor = None
-        if spec.drafting in ("hrad", "hybrid"):
+        if spec.drafting in ("auto", "hrad", "hybrid"):
             key = spec.hrad_predictor or "shipped"
             if key not in self._predictors:
                 if spec.hrad_predictor:
@@ -249,7 +249,7 @@ class Pipeline:
             predictor = self._predictors[key]
             if predictor is not None:
                 predictor.check_pair(self.target.name, self.draft.name, self.target_hidden_size)
-        drafting = resolve_drafting(spec.drafting)
+        drafting = resolve_drafting(spec.drafting, predictor is not None)
         if drafting in ("hrad", "hybrid") and predictor is None:
             raise ConfigError(f"drafting {drafting!r} needs an H-RAD predictor and none is shipped for "
                               f"{self.target.name} + {self.draft.name}: train one (`specbranch train-hrad`) and "

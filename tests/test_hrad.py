@@ -33,7 +33,7 @@ def synthetic(n: int, cfg: HRADConfig, seed: int = 0):
 def test_fit_learns_and_files_round_trip(tmp_path):
     cfg = HRADConfig(hidden_size=8, num_layers=2, widths=(16, 8), target="t", draft="d")
     x, y = synthetic(1500, cfg)
-    pred, report = fit(x, y, cfg, epochs=60, patience=10, progress=False)
+    pred, report = fit(x, y, cfg, epochs=60, patience=10, lr=1e-3, progress=False)  # 900 traces: larger steps than the default
     assert report.accuracy > 0.8 and report.balanced_accuracy > 0.8, report.text()
     assert sum(map(sum, report.confusion)) == report.val_size == 300
     assert "accept-all" in report.text()
@@ -135,6 +135,10 @@ def test_collect_fit_and_use_on_the_tiny_pair(close_pair, tmp_path, capsys):
     assert spec.gamma == 3 and predictor is not None
     assert pipe.speculation(SpeculationConfig(gamma=5, drafting="hybrid", hrad_predictor=str(out)))[0].gamma == 5
     assert pipe.speculation(SpeculationConfig(drafting="confidence"))[0].gamma == 0  # the engine default
+    # auto: hybrid where a predictor exists (here the one given), the confidence cut where none does
+    spec, predictor = pipe.speculation(SpeculationConfig(hrad_predictor=str(out)))
+    assert (spec.drafting, spec.gamma, predictor is not None) == ("hybrid", 3, True)
+    assert pipe.speculation(SpeculationConfig()) == (SpeculationConfig(drafting="confidence"), None)
     assert out.with_suffix(".safetensors").stat().st_size < 2_000_000
     base = ["generate", "def add(a, b):", "--no-chat-template", "--max-new-tokens", "20", "-q", *pair]
     assert main(base + ["--engine", "ar"]) == 0
