@@ -9,8 +9,9 @@ how the next pending block will fare:
 - class 2 *accept all*: submit the whole block.
 
 Labels come from decoding traces of the pair (:mod:`specbranch.train_hrad`): how many of the next
-block's ``gamma - 1`` draft tokens the target accepts, bucketed by :func:`bucket`. The predictor only decides how much is submitted and
-where the draft branches, never which token is accepted, so it cannot change the output.
+block's ``gamma - 1`` draft tokens the target accepts, bucketed by :func:`bucket`. The predictor
+only decides how much is submitted and where the draft branches, never which token is accepted,
+so it cannot change the output.
 
 Files: ``<name>.safetensors`` (weights plus the feature standardisation, fp16) and ``<name>.json``
 (its :class:`HRADConfig`, including the model pair it was trained for). Never pickle.
