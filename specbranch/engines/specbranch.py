@@ -176,7 +176,8 @@ class TargetSide(Side):
             self.lane.hidden_layers = predictor.cfg.hidden_layers
 
     def record_traces(self, cfg: HRADConfig) -> list[tuple[torch.Tensor, int]]:
-        """Record (features, label) per round from now on (``specbranch train-hrad collect``)."""
+        """Record (features, label) per round from now on: what a real round sees, the reference
+        that ``train-hrad collect``'s teacher-forced replays are tested against."""
         self.lane.hidden_layers = cfg.hidden_layers
         self.traces = []
         return self.traces
