@@ -9,7 +9,7 @@ collect
     at ``i`` (last N layers) and its embedding of token ``i + 1``; the label is how many of the
     ``gamma - 1`` tokens the draft would chain after it the target accepts (greedy), bucketed.
     Why positions and not engine rounds: one decode yields a trace per token instead of one per
-    round (116 per prompt against 26 for the default pair), and the label does not depend on the policy
+    round (116 per prompt against 32 for the default pair), and the label does not depend on the policy
     that happened to run (an engine's pending block may be cut short by τ; here every block is full).
     Traces go to ``<out>/traces-NNNNN.safetensors`` (one shard per prompt file) + ``meta.json``.
 fit
