@@ -26,6 +26,51 @@ def test_int8_linear_is_accurate_and_keeps_shape():
     assert (got - want).abs().max() / want.abs().max() < 0.03
 
 
+def fbgemm_only(lin: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    """The layer through FBGEMM alone (the path prompts take)."""
+    rows = Int8Linear.KERNEL_ROWS
+    try:
+        Int8Linear.KERNEL_ROWS = 0
+        return lin(x)
+    finally:
+        Int8Linear.KERNEL_ROWS = rows
+
+
+@pytest.mark.parametrize("n,k,bias", [(300, 200, True), (129, 1536, False), (66, 650, True)])
+def test_int8_kernel_is_bit_identical_to_fbgemm(n, k, bias):
+    """Decode steps (up to KERNEL_ROWS rows) run kernels/q8.c, verification and prompts run FBGEMM: both must
+    be one model, so the kernel must reproduce FBGEMM bit for bit. K = 200 and 650 leave a partial column chunk,
+    N = 129 and 66 a partial block of rows; each row's absmax lands exactly on a rounding tie (+-63.5)."""
+    torch.manual_seed(n)
+    lin = Int8Linear.from_float(torch.randn(n, k) * 0.05, torch.randn(n) if bias else None)
+    for rows in range(1, Int8Linear.KERNEL_ROWS + 3):
+        x = torch.randn(rows, k) * torch.logspace(-3, 3, rows)[:, None]
+        got = lin(x)
+        assert got.shape == (rows, n)
+        assert torch.equal(got, fbgemm_only(lin, x)), f"{rows} rows differ from FBGEMM"
+    assert lin.blocked is not None  # the kernel did serve the small batches
+
+
+def test_int8_kernel_is_thread_invariant_and_refuses_large_batches():
+    torch.manual_seed(3)
+    lin = Int8Linear.from_float(torch.randn(257, 320) * 0.05, torch.randn(257))
+    x = torch.randn(2, 320)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lin(x)
+        torch.set_num_threads(2)
+        two = lin(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and torch.equal(one, torch.cat([lin(x[i : i + 1]) for i in range(2)]))
+    from specbranch.kernels import library
+
+    y = torch.empty(3, 257)  # the kernel itself refuses row counts it has no code for
+    assert library().q8_linear_f32(torch.randn(3, 320).data_ptr(), 3, 320, lin.blocked.data_ptr(), lin.wsum.data_ptr(),
+                                   lin.mult.data_ptr(), lin.ACT_INV, None, 257, y.data_ptr()) == -2
+
+
 @pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("fp64", torch.float64), ("bf16", torch.float32)])
 def test_dense_linear_returns_the_input_dtype(precision, dtype):
     lin = make_linear(torch.randn(8, 4), None, precision)

@@ -1,7 +1,8 @@
 """Native CPU kernels, compiled on first use.
 
-The only one so far is the int4 weight-only linear of :mod:`specbranch.kernels.q4` (``q4.c``): the C
-source ships with the package and is compiled once with the system C compiler into the model cache
+Two so far, both small-batch linears for decode steps: the int4 weight-only linear of the draft
+(``q4.c``) and the int8 linear of the target, bit-identical to FBGEMM's (``q8.c``). The C sources ship
+with the package and are compiled once, into one library, with the system C compiler into the model cache
 (``$SPECBRANCH_CACHE/kernels``), keyed by a hash of the source and the flags, then loaded with
 ``ctypes``. Compiling takes about a second. It needs an x86-64 CPU with AVX2 and FMA and a C
 compiler (``cc``/``gcc``); where either is missing :func:`unavailable` says why and callers fall back
@@ -21,7 +22,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("q4.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("q4.c", "q8.c"))
 # -ffp-contract=off: the compiler must not fuse a * b + c on its own. Each row-count specialization of the
 # kernel is scheduled differently, and a contraction in one but not another would make a row's result
 # depend on the batch it came in (caught by test_int4_linear_is_batch_and_thread_invariant).
@@ -54,30 +55,30 @@ def _build_dir() -> Path:
 
 @functools.cache
 def library() -> ctypes.CDLL:
-    """The compiled int4 kernel library (built on first use); :class:`KernelUnavailable` if it cannot be."""
+    """The compiled kernel library (built on first use); :class:`KernelUnavailable` if it cannot be."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise KernelUnavailable(f"the int4 kernel is written for x86-64 AVX2 CPUs, this is {platform.machine()}")
+        raise KernelUnavailable(f"the native kernels are written for x86-64 AVX2 CPUs, this is {platform.machine()}")
     missing = {"avx2", "fma"} - _cpu_flags()
     if missing:
-        raise KernelUnavailable(f"the int4 kernel needs a CPU with {', '.join(sorted(missing))}")
+        raise KernelUnavailable(f"the native kernels need a CPU with {', '.join(sorted(missing))}")
     cc = _compiler()
     if cc is None:
-        raise KernelUnavailable("the int4 kernel is compiled on first use and no C compiler was found: "
+        raise KernelUnavailable("the native kernels are compiled on first use and no C compiler was found: "
                                 "install gcc (e.g. apt-get install gcc) or set $CC")
-    src = SOURCE.read_bytes()
+    src = b"".join(path.read_bytes() for path in SOURCES)
     key = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]
-    out = _build_dir() / f"q4-{key}.so"
+    out = _build_dir() / f"kernels-{key}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # build aside, rename when complete
         os.close(fd)
         try:
             try:
-                proc = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+                proc = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True)
             except OSError as e:
-                raise KernelUnavailable(f"compiling the int4 kernel failed: cannot run the C compiler {cc!r} ({e})")
+                raise KernelUnavailable(f"compiling the native kernels failed: cannot run the C compiler {cc!r} ({e})")
             if proc.returncode != 0:
-                raise KernelUnavailable(f"compiling the int4 kernel with {cc} failed: {proc.stderr.strip()[-500:]}")
+                raise KernelUnavailable(f"compiling the native kernels with {cc} failed: {proc.stderr.strip()[-500:]}")
             os.replace(tmp, out)
         finally:
             Path(tmp).unlink(missing_ok=True)
@@ -85,11 +86,17 @@ def library() -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.q4_linear_f32.argtypes = [p, i64, i64, p, p, p, i64, p]
     lib.q4_linear_f32.restype = ctypes.c_int
+    lib.q8_linear_f32.argtypes = [p, i64, i64, p, p, p, ctypes.c_float, p, i64, p]
+    lib.q8_linear_f32.restype = ctypes.c_int
+    lib.q8_packed_size.argtypes = [i64, i64]
+    lib.q8_packed_size.restype = i64
+    lib.q8_pack.argtypes = [p, i64, i64, i64, p, p]
+    lib.q8_pack.restype = None
     return lib
 
 
 def unavailable() -> str | None:
-    """None if the int4 kernel can run here, else the reason it cannot."""
+    """None if the native kernels can run here, else the reason they cannot."""
     try:
         library()
     except KernelUnavailable as e:

@@ -13,6 +13,7 @@ rows are computed together; the row scale is multiplied back afterwards.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -57,6 +58,12 @@ class Int8Linear:
     """
 
     PAD = 8  # extra input columns: [-1, +1, 0, ...]; 8 keeps K a multiple of 8 for the kernel
+    # FBGEMM's activation scale under that pinning: range [-1, 1] over reduce_range's 127 steps
+    ACT_SCALE = torch.tensor(2.0 / 127.0, dtype=torch.float32)
+    ACT_INV = float(1.0 / ACT_SCALE)  # computed in float32, as FBGEMM does (63.5)
+    # Calls of up to this many rows (decode steps) run the native kernel (kernels/q8.c, compiled for 1-2 rows):
+    # bit-identical results, weights streamed faster; larger ones (verification, prompts) run FBGEMM, faster there.
+    KERNEL_ROWS = 2
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.qweight = qweight  # int8 [N, K + PAD]
@@ -67,6 +74,7 @@ class Int8Linear:
         pad[0], pad[1] = -1.0, 1.0
         self.pad = pad
         self.packed = None
+        self.blocked = self.wsum = self.mult = None  # the native kernel's weights (prepare_native)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
@@ -96,6 +104,9 @@ class Int8Linear:
                           None if self.bias is None else self.bias[ids]).pack()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if 0 < rows <= self.KERNEL_ROWS and self.prepare_native().blocked is not None:
+            return self._native(x, rows)
         if self.packed is None:
             self.pack()
         shape = x.shape
@@ -106,6 +117,47 @@ class Int8Linear:
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def prepare_native(self) -> "Int8Linear":
+        """Build the native kernel's copy of the weights (kernels/q8.c: blocked layout, row sums, FBGEMM's
+        output multipliers). Done on first use, or ahead by the loader; a no-op where the kernel cannot run."""
+        lib = _native_kernels()
+        if self.blocked is None and lib is not None:
+            n, k = self.out_features, self.qweight.shape[1] - self.PAD
+            blocked = torch.empty(lib.q8_packed_size(n, k), dtype=torch.int8)
+            wsum = torch.empty(-(-n // 4) * 4, dtype=torch.int32)  # one per row of whole blocks of 4
+            lib.q8_pack(self.qweight.data_ptr(), n, k, self.qweight.shape[1], blocked.data_ptr(), wsum.data_ptr())
+            self.mult = (self.ACT_SCALE * self.scale.double().float()).contiguous()  # what FBGEMM multiplies by
+            self.bias = None if self.bias is None else self.bias.contiguous()
+            self.blocked, self.wsum = blocked, wsum
+        return self
+
+    def _native(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """The FBGEMM path's result, bit for bit, in one foreign call (see kernels/q8.c)."""
+        k, n = x.shape[-1], self.out_features
+        x2 = x.reshape(rows, k)  # [rows, K]
+        if x2.dtype != torch.float32 or not x2.is_contiguous():
+            x2 = x2.float().contiguous()
+        y = torch.empty(rows, n)
+        err = _native_kernels().q8_linear_f32(
+            x2.data_ptr(), rows, k, self.blocked.data_ptr(), self.wsum.data_ptr(), self.mult.data_ptr(), self.ACT_INV,
+            None if self.bias is None else self.bias.data_ptr(), n, y.data_ptr())
+        if err:
+            raise MemoryError(f"int8 linear: no memory for {rows}x{k} activation scratch") if err == -1 else \
+                ValueError(f"int8 linear: {rows} rows, the kernel takes 1 or 2")
+        return y.view(*x.shape[:-1], n).to(x.dtype)
+
+
+@functools.cache
+def _native_kernels():
+    """The compiled kernel library, or None where it cannot run (then FBGEMM serves every call, with the
+    same results, only slower)."""
+    from ..kernels import KernelUnavailable, library
+
+    try:
+        return library()
+    except KernelUnavailable:
+        return None
 
 
 class Int4Linear:

@@ -45,17 +45,19 @@ class LazyWeights:
         return None if h is None else h.get_tensor(name).float()
 
 
-def load_decoder(folder: str | Path, precision: str = "fp32", threads: int | None = None) -> Decoder:
+def load_decoder(folder: str | Path, precision: str = "fp32", threads: int | None = None,
+                 decode_kernel: bool = True) -> Decoder:
     """Build the native decoder from a Hugging Face style folder at ``precision``.
 
     For int8 the quantized linears are stored once next to the weights (``int8.safetensors``)
-    so later loads skip quantization, and FBGEMM prepacking runs on a thread pool.
+    so later loads skip quantization, and FBGEMM prepacking runs on a thread pool, as does the
+    layout of the decode-step kernel's weights (``decode_kernel``; int4 drafts decode with their own).
     """
     if precision not in DRAFT_PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}; choose one of {', '.join(DRAFT_PRECISIONS)}")
     folder = Path(folder)
     if precision == "int4":
-        return to_int4(load_decoder(folder, "int8", threads), folder / INT4_FILE)
+        return to_int4(load_decoder(folder, "int8", threads, decode_kernel=False), folder / INT4_FILE)
     cfg = DecoderConfig.from_hf(read_config(folder))
     weights = LazyWeights(folder)
     missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in weights]
@@ -74,8 +76,10 @@ def load_decoder(folder: str | Path, precision: str = "fp32", threads: int | Non
     decoder = Decoder(cfg, weights, precision, lin)
     if stored is None:
         save_int8(decoder, qfile)
-    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:  # prepack releases the GIL
+    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:  # prepack and ctypes calls release the GIL
         list(pool.map(Int8Linear.pack, decoder.linears().values()))
+        if decode_kernel:
+            list(pool.map(Int8Linear.prepare_native, decoder.linears().values()))
     return decoder
 
 
