@@ -36,6 +36,20 @@ def fbgemm_only(lin: Int8Linear, x: torch.Tensor) -> torch.Tensor:
         Int8Linear.KERNEL_ROWS = rows
 
 
+def near_ties(k: int) -> torch.Tensor:
+    """A row of absmax 1 whose values lie within a few ulps of FBGEMM's rounding ties (x * 63.5 = j + 0.5), where
+    its fused multiply-add rounds otherwise than a multiply and an add would."""
+    ties = (torch.arange(-63, 63, dtype=torch.float32) + 0.5) / 63.5  # [126]
+    up, down = [ties], [ties]
+    for _ in range(3):  # 1-3 ulps either side
+        up.append(torch.nextafter(up[-1], torch.tensor(2.0)))
+        down.append(torch.nextafter(down[-1], torch.tensor(-2.0)))
+    near = up + down[1:]
+    row = torch.cat(near).repeat(k // (126 * 7) + 1)[:k].clone()
+    row[0] = 1.0
+    return row
+
+
 @pytest.mark.parametrize("n,k,bias", [(300, 200, True), (129, 1536, False), (66, 650, True)])
 def test_int8_kernel_is_bit_identical_to_fbgemm(n, k, bias):
     """Decode steps (up to KERNEL_ROWS rows) run kernels/q8.c, verification and prompts run FBGEMM: both must
@@ -45,6 +59,7 @@ def test_int8_kernel_is_bit_identical_to_fbgemm(n, k, bias):
     lin = Int8Linear.from_float(torch.randn(n, k) * 0.05, torch.randn(n) if bias else None)
     for rows in range(1, Int8Linear.KERNEL_ROWS + 3):
         x = torch.randn(rows, k) * torch.logspace(-3, 3, rows)[:, None]
+        x[0] = near_ties(k)
         got = lin(x)
         assert got.shape == (rows, n)
         assert torch.equal(got, fbgemm_only(lin, x)), f"{rows} rows differ from FBGEMM"

@@ -11,7 +11,7 @@
  * point 64, quantized values not clipped at 127. FBGEMM's result is then
  *
  *   y[m, n] = ((float)raw[m, n] * (a * w_scale[n])) * s[m] + bias[n],
- *   raw[m, n] = sum_k q[m, k] * w[n, k],   q[m, k] = rint((x[m, k] / s[m]) * (1 / a)) in [-64, 64]
+ *   raw[m, n] = sum_k q[m, k] * w[n, k],   q[m, k] = rint(fma(x[m, k] / s[m], 1 / a, 64)) - 64 in [-64, 64]
  *
  * and this kernel computes exactly that, so prompts (many rows, FBGEMM) and decode steps (this
  * kernel) run one and the same model; tests compare the two bit for bit.
@@ -71,7 +71,9 @@ void q8_pack(const int8_t *w, int64_t N, int64_t K, int64_t ldw, int8_t *out, in
 }
 
 /* x [M, K] float -> u [M, C * 32] (u8, padded with the offset, i.e. q = 0), s [M] row absmax. The same
- * float operations as Int8Linear + FBGEMM: s = max(absmax, 1e-30); q = rint((x / s) * inv). */
+ * float operations as Int8Linear + FBGEMM: s = max(absmax, 1e-30); u = rint(fma(x / s, inv, 64)). The fused
+ * multiply-add matters: rint(x / s * inv) + 64 rounds differently within an ulp of a tie, and on the real
+ * target that flipped one activation in some decode steps (the tests hold values there). */
 static void q8_quantize_rows(const float *x, int64_t M, int64_t K, int64_t Kp, float inv, uint8_t *u, float *s) {
     for (int64_t m = 0; m < M; ++m) {
         const float *r = x + m * K;
@@ -81,7 +83,7 @@ static void q8_quantize_rows(const float *x, int64_t M, int64_t K, int64_t Kp, f
         s[m] = sm;
         for (int64_t k = 0; k < K; ++k) {
             const float xn = r[k] / sm;
-            u[m * Kp + k] = (uint8_t)((int32_t)nearbyintf(xn * inv) + Q8_ZERO);
+            u[m * Kp + k] = (uint8_t)nearbyintf(fmaf(xn, inv, (float)Q8_ZERO)); /* one rounding, as FBGEMM */
         }
         for (int64_t k = K; k < Kp; ++k) u[m * Kp + k] = Q8_ZERO;
     }
