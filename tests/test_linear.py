@@ -66,18 +66,23 @@ def test_int8_kernel_is_bit_identical_to_fbgemm(n, k, bias):
     assert lin.blocked is not None  # the kernel did serve the small batches
 
 
-def test_int8_kernel_is_thread_invariant_and_refuses_large_batches():
-    torch.manual_seed(3)
-    lin = Int8Linear.from_float(torch.randn(257, 320) * 0.05, torch.randn(257))
-    x = torch.randn(2, 320)
+def on_one_and_two_threads(lin, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lin(x)`` computed with one torch/OpenMP thread and with two."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = lin(x)
         torch.set_num_threads(2)
-        two = lin(x)
+        return one, lin(x)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_int8_kernel_is_thread_invariant_and_refuses_large_batches():
+    torch.manual_seed(3)
+    lin = Int8Linear.from_float(torch.randn(257, 320) * 0.05, torch.randn(257))
+    x = torch.randn(2, 320)
+    one, two = on_one_and_two_threads(lin, x)
     assert torch.equal(one, two) and torch.equal(one, torch.cat([lin(x[i : i + 1]) for i in range(2)]))
     from specbranch.kernels import library
 
@@ -156,14 +161,7 @@ def test_int4_linear_is_batch_and_thread_invariant():
     x = torch.randn(4, 192)
     together = lin(x)
     assert torch.equal(together, torch.cat([lin(x[i : i + 1]) for i in range(4)]))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = lin(x)
-        torch.set_num_threads(2)
-        two = lin(x)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = on_one_and_two_threads(lin, x)
     assert torch.equal(one, two) and torch.equal(one, together)
 
 
