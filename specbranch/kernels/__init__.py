@@ -90,6 +90,8 @@ def library() -> ctypes.CDLL:
     lib.q8_linear_f32.restype = ctypes.c_int
     lib.q8_packed_size.argtypes = [i64, i64]
     lib.q8_packed_size.restype = i64
+    lib.q8_padded_rows.argtypes = [i64]
+    lib.q8_padded_rows.restype = i64
     lib.q8_pack.argtypes = [p, i64, i64, i64, p, p]
     lib.q8_pack.restype = None
     return lib

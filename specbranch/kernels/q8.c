@@ -48,15 +48,18 @@ static inline int32_t hsum_epi32(__m256i v) {
 static inline int64_t q8_blocks(int64_t N) { return (N + Q8_NB - 1) / Q8_NB; }
 static inline int64_t q8_chunks(int64_t K) { return (K + Q8_KC - 1) / Q8_KC; }
 
-/* Bytes of the blocked copy of an [N, K] weight. */
-int64_t q8_packed_size(int64_t N, int64_t K) { return q8_blocks(N) * Q8_NB * q8_chunks(K) * Q8_KC; }
+/* Rows of the blocked copy (N rounded up to whole blocks): the length of q8_pack's wsum. */
+int64_t q8_padded_rows(int64_t N) { return q8_blocks(N) * Q8_NB; }
 
-/* w [N, K] int8 (row stride ldw) -> out (q8_packed_size bytes, blocked layout) and wsum [4 * blocks]
+/* Bytes of the blocked copy of an [N, K] weight. */
+int64_t q8_packed_size(int64_t N, int64_t K) { return q8_padded_rows(N) * q8_chunks(K) * Q8_KC; }
+
+/* w [N, K] int8 (row stride ldw) -> out (q8_packed_size bytes, blocked layout) and wsum [q8_padded_rows]
  * (row sums; 0 for padding rows). */
 void q8_pack(const int8_t *w, int64_t N, int64_t K, int64_t ldw, int8_t *out, int32_t *wsum) {
     const int64_t C = q8_chunks(K);
     memset(out, 0, (size_t)q8_packed_size(N, K));
-    memset(wsum, 0, (size_t)(q8_blocks(N) * Q8_NB) * sizeof(int32_t));
+    memset(wsum, 0, (size_t)q8_padded_rows(N) * sizeof(int32_t));
     for (int64_t n = 0; n < N; ++n) {
         const int8_t *row = w + n * ldw;
         int8_t *dst = out + (n / Q8_NB) * Q8_NB * C * Q8_KC + (n % Q8_NB) * Q8_KC; /* chunk 0 of row n */

@@ -125,7 +125,7 @@ class Int8Linear:
         if self.blocked is None and lib is not None:
             n, k = self.out_features, self.qweight.shape[1] - self.PAD
             blocked = torch.empty(lib.q8_packed_size(n, k), dtype=torch.int8)
-            wsum = torch.empty(-(-n // 4) * 4, dtype=torch.int32)  # one per row of whole blocks of 4
+            wsum = torch.empty(lib.q8_padded_rows(n), dtype=torch.int32)  # one per row of whole blocks
             lib.q8_pack(self.qweight.data_ptr(), n, k, self.qweight.shape[1], blocked.data_ptr(), wsum.data_ptr())
             self.mult = (self.ACT_SCALE * self.scale.double().float()).contiguous()  # what FBGEMM multiplies by
             self.bias = None if self.bias is None else self.bias.contiguous()
@@ -134,18 +134,26 @@ class Int8Linear:
 
     def _native(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """The FBGEMM path's result, bit for bit, in one foreign call (see kernels/q8.c)."""
-        k, n = x.shape[-1], self.out_features
-        x2 = x.reshape(rows, k)  # [rows, K]
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.float().contiguous()
-        y = torch.empty(rows, n)
-        err = _native_kernels().q8_linear_f32(
-            x2.data_ptr(), rows, k, self.blocked.data_ptr(), self.wsum.data_ptr(), self.mult.data_ptr(), self.ACT_INV,
-            None if self.bias is None else self.bias.data_ptr(), n, y.data_ptr())
-        if err:
-            raise MemoryError(f"int8 linear: no memory for {rows}x{k} activation scratch") if err == -1 else \
-                ValueError(f"int8 linear: {rows} rows, the kernel takes 1 or 2")
-        return y.view(*x.shape[:-1], n).to(x.dtype)
+        lib, k, n = _native_kernels(), x.shape[-1], self.out_features
+        return _kernel_linear("int8", x, rows, n, "1 or 2", lambda x2, y: lib.q8_linear_f32(
+            x2, rows, k, self.blocked.data_ptr(), self.wsum.data_ptr(), self.mult.data_ptr(), self.ACT_INV,
+            None if self.bias is None else self.bias.data_ptr(), n, y))
+
+
+def _kernel_linear(kind: str, x: torch.Tensor, rows: int, n: int, takes: str, run) -> torch.Tensor:
+    """``x [..., K]`` (``rows`` rows) -> ``[..., n]`` through a C kernel: ``run(x_ptr, y_ptr)`` reads a float32
+    contiguous ``[rows, K]`` copy of x, writes ``[rows, n]`` and returns 0, -1 (out of memory) or -2 (a row count
+    it has no code for; ``takes`` says which it has)."""
+    k = x.shape[-1]
+    x2 = x.reshape(rows, k)  # [rows, K]
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.float().contiguous()
+    y = torch.empty(rows, n)
+    err = run(x2.data_ptr(), y.data_ptr())
+    if err:
+        raise MemoryError(f"{kind} linear: no memory for {rows}x{k} activation scratch") if err == -1 else \
+            ValueError(f"{kind} linear: {rows} rows, the kernel takes {takes}")
+    return y.view(*x.shape[:-1], n).to(x.dtype)
 
 
 @functools.cache
@@ -199,16 +207,9 @@ class Int4Linear:
         rows = x.numel() // k
         if rows > self.MAX_ROWS or rows == 0:
             return self.base(x)
-        x2 = x.reshape(rows, k)  # [rows, K]
-        if x2.dtype != torch.float32 or not x2.is_contiguous():
-            x2 = x2.float().contiguous()
-        y = torch.empty(rows, n)
-        err = self.lib.q4_linear_f32(x2.data_ptr(), rows, k, self.packed.data_ptr(), self.scales.data_ptr(),
-                                     None if self.bias is None else self.bias.data_ptr(), n, y.data_ptr())
-        if err:
-            raise MemoryError(f"int4 linear: no memory for {rows}x{k} activation scratch") if err == -1 else \
-                ValueError(f"int4 linear: {rows} rows, the kernel takes 1..{self.MAX_ROWS}")
-        return y.view(*x.shape[:-1], n).to(x.dtype)
+        return _kernel_linear("int4", x, rows, n, f"1..{self.MAX_ROWS}", lambda x2, y: self.lib.q4_linear_f32(
+            x2, rows, k, self.packed.data_ptr(), self.scales.data_ptr(),
+            None if self.bias is None else self.bias.data_ptr(), n, y))
 
     def read_bytes(self) -> int:
         """A decode step reads the int4 copy, not the int8 fallback."""
