@@ -73,6 +73,16 @@ def sequence_traces(target: Backend, draft: Backend, seq: Sequence[int], start: 
     return torch.stack(xs), torch.tensor(ys)
 
 
+def _recorded(path: str) -> str:
+    """A prompt file as meta.json (and so a fit's report) records it: one inside the package (the shipped prompts,
+    the default) by its place there, so a shipped report names no machine's absolute path; others as given."""
+    root = SHIPPED_PROMPTS.resolve().parents[2]  # the folder holding the specbranch package
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return path
+
+
 def collect(models: ModelConfig, prompt_files: list[str], out: Path, num_prompts: int, skip: int, max_new_tokens: int,
             gamma: int, num_layers: int, progress: bool = True) -> dict:
     """Trace ``num_prompts`` prompts of each file (after the first ``skip``) into ``out``; labels are
@@ -105,7 +115,7 @@ def collect(models: ModelConfig, prompt_files: list[str], out: Path, num_prompts
             counts[label] += c
         meta = {**asdict(cfg), "labels": "teacher-forced greedy decode, one per generated position",
                 "max_new_tokens": max_new_tokens}
-        sets.append({"file": path, "name": name, "skip": skip, "prompts": len(prompts), "positions": len(y)})
+        sets.append({"file": _recorded(path), "name": name, "skip": skip, "prompts": len(prompts), "positions": len(y)})
         meta["sets"] = sets
         save_traces(out, torch.cat(xs), y, torch.cat(groups), meta, shard)
     if not sets:
