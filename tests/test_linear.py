@@ -50,14 +50,30 @@ def near_ties(k: int) -> torch.Tensor:
     return row
 
 
+@pytest.fixture(params=["avx2", "vnni"])
+def kernel_isa(request):
+    """Run a test once with the int8 kernel's AVX2 code and once with its AVX-512 VNNI code (skipped where the
+    CPU lacks VNNI); yields the most rows the kernel then takes."""
+    from specbranch.kernels import library
+
+    lib = library()
+    try:
+        if lib.kernels_select_isa(request.param == "vnni") != (request.param == "vnni"):
+            pytest.skip("this CPU has no AVX-512 VNNI")
+        yield lib.q8_max_rows()
+    finally:
+        lib.kernels_select_isa(1)  # back to the best code the CPU has
+
+
 @pytest.mark.parametrize("n,k,bias", [(300, 200, True), (129, 1536, False), (66, 650, True)])
-def test_int8_kernel_is_bit_identical_to_fbgemm(n, k, bias):
-    """Decode steps (up to KERNEL_ROWS rows) run kernels/q8.c, verification and prompts run FBGEMM: both must
-    be one model, so the kernel must reproduce FBGEMM bit for bit. K = 200 and 650 leave a partial column chunk,
-    N = 129 and 66 a partial block of rows; each row's absmax lands exactly on a rounding tie (+-63.5)."""
+def test_int8_kernel_is_bit_identical_to_fbgemm(n, k, bias, kernel_isa):
+    """Decode steps and verifications (up to the kernel's row limit) run kernels/q8.c, prompts run FBGEMM: both
+    must be one model, so the kernel must reproduce FBGEMM bit for bit. K = 200 and 650 leave a partial column
+    chunk, N = 129 and 66 a partial block of rows; each row's absmax lands exactly on a rounding tie (+-63.5)."""
     torch.manual_seed(n)
     lin = Int8Linear.from_float(torch.randn(n, k) * 0.05, torch.randn(n) if bias else None)
-    for rows in range(1, Int8Linear.KERNEL_ROWS + 3):
+    assert kernel_isa in (2, 8)
+    for rows in range(1, kernel_isa + 3):
         x = torch.randn(rows, k) * torch.logspace(-3, 3, rows)[:, None]
         x[0] = near_ties(k)
         got = lin(x)
@@ -78,16 +94,17 @@ def on_one_and_two_threads(lin, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
         torch.set_num_threads(threads)
 
 
-def test_int8_kernel_is_thread_invariant_and_refuses_large_batches():
+def test_int8_kernel_is_thread_invariant_and_refuses_large_batches(kernel_isa):
     torch.manual_seed(3)
     lin = Int8Linear.from_float(torch.randn(257, 320) * 0.05, torch.randn(257))
-    x = torch.randn(2, 320)
+    x = torch.randn(kernel_isa, 320)
     one, two = on_one_and_two_threads(lin, x)
-    assert torch.equal(one, two) and torch.equal(one, torch.cat([lin(x[i : i + 1]) for i in range(2)]))
+    assert torch.equal(one, two) and torch.equal(one, torch.cat([lin(x[i : i + 1]) for i in range(kernel_isa)]))
     from specbranch.kernels import library
 
-    y = torch.empty(3, 257)  # the kernel itself refuses row counts it has no code for
-    assert library().q8_linear_f32(torch.randn(3, 320).data_ptr(), 3, 320, lin.blocked.data_ptr(), lin.wsum.data_ptr(),
+    m = kernel_isa + 1  # the kernel itself refuses row counts it has no code for
+    y = torch.empty(m, 257)
+    assert library().q8_linear_f32(torch.randn(m, 320).data_ptr(), m, 320, lin.blocked.data_ptr(), lin.wsum.data_ptr(),
                                    lin.mult.data_ptr(), lin.ACT_INV, None, 257, y.data_ptr()) == -2
 
 
@@ -141,7 +158,7 @@ def test_int4_quantization_round_trip_is_within_one_step():
     assert torch.allclose(scales.abs() * 8, peak)  # the largest magnitude is represented exactly
 
 
-def test_int4_kernel_matches_the_dequantized_reference():
+def test_int4_kernel_matches_the_dequantized_reference(kernel_isa):
     """The C kernel computes exactly the documented sum: per-row int8 activations times the int4
     weights, per group scaled; checked against the same sum in float64."""
     from specbranch.models.linear import dequantize_int4
@@ -156,13 +173,34 @@ def test_int4_kernel_matches_the_dequantized_reference():
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
 
 
-def test_int4_linear_is_batch_and_thread_invariant():
+def test_int4_linear_is_batch_and_thread_invariant(kernel_isa):
     lin, _ = int4_layer(bias=False)
     x = torch.randn(4, 192)
     together = lin(x)
     assert torch.equal(together, torch.cat([lin(x[i : i + 1]) for i in range(4)]))
     one, two = on_one_and_two_threads(lin, x)
     assert torch.equal(one, two) and torch.equal(one, together)
+
+
+def test_kernels_give_the_same_bits_with_avx2_and_vnni():
+    """The AVX-512 VNNI code of both kernels sums the same integers into the same lanes as the AVX2 code, so a
+    draft or target step gives the same result whichever the CPU runs."""
+    from specbranch.kernels import library
+
+    lib = library()
+    if not lib.kernels_select_isa(1):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    int4, _ = int4_layer(n=131, k=640)
+    int8 = Int8Linear.from_float(torch.randn(131, 650) * 0.05, torch.randn(131))
+    x4, x8 = torch.randn(4, 640), torch.randn(2, 650)
+    x8[0] = near_ties(650)
+    vnni = int4(x4), int8(x8)
+    try:
+        lib.kernels_select_isa(0)
+        avx2 = int4(x4), int8(x8)
+    finally:
+        lib.kernels_select_isa(1)
+    assert torch.equal(vnni[0], avx2[0]) and torch.equal(vnni[1], avx2[1])
 
 
 def test_int4_linear_falls_back_to_int8_for_large_batches():

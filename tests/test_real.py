@@ -55,27 +55,38 @@ def test_native_decoder_matches_transformers_on_the_real_target(prompts):
         assert out[0, len(i):].tolist()[: len(want)] == want
 
 
-def test_int8_decode_kernel_matches_fbgemm_on_the_real_target(prompts, monkeypatch):
-    """Decode steps run the target's linears through kernels/q8.c, verification through FBGEMM: on the real
-    target's activations (2 prompts, 48 greedy steps each) every 1-row linear must give FBGEMM's result bit for
-    bit. Random activations missed a rounding difference that real ones hit within a few steps."""
-    from specbranch.models.linear import Int8Linear
+def test_int8_kernel_matches_fbgemm_on_the_real_target(prompts, monkeypatch):
+    """Decode steps and verifications (up to the kernel's row limit: 2 on AVX2, 8 with AVX-512 VNNI) run the
+    target's linears through kernels/q8.c, prompts through FBGEMM: on the real target's activations (2 prompts,
+    48 greedy steps each, then the same tokens again in blocks of every size the kernel takes) every kernel call
+    must give FBGEMM's result bit for bit. Random activations missed a rounding difference that real ones hit
+    within a few steps."""
+    from collections import Counter
 
-    native_call, rows = Int8Linear.__call__, Int8Linear.KERNEL_ROWS
-    checked = []
+    from specbranch.backend import prefill
+    from specbranch.models.linear import Int8Linear, _kernel_rows
+
+    native_call, rows, limit = Int8Linear.__call__, Int8Linear.KERNEL_ROWS, min(Int8Linear.KERNEL_ROWS, _kernel_rows())
+    checked = Counter()  # rows -> kernel calls compared
 
     def both(self: Int8Linear, x: torch.Tensor) -> torch.Tensor:
         got = native_call(self, x)
-        if x.numel() // x.shape[-1] <= Int8Linear.KERNEL_ROWS:
+        m = x.numel() // x.shape[-1]
+        if m <= limit:
             monkeypatch.setattr(Int8Linear, "KERNEL_ROWS", 0)
             want = native_call(self, x)
             monkeypatch.setattr(Int8Linear, "KERNEL_ROWS", rows)
-            assert torch.equal(got, want), f"decode step {len(checked)}: the kernel differs from FBGEMM"
-            checked.append(1)
+            assert torch.equal(got, want), f"a {m}-row call (the {checked[m] + 1}th) differs from FBGEMM"
+            checked[m] += 1
         return got
 
     pipe = Pipeline(ModelConfig(precision="int8", draft="none"), progress=False)
     monkeypatch.setattr(Int8Linear, "__call__", both)
     for text in prompts[:2]:
-        pipe.generate(text, GenerationConfig(max_new_tokens=48))
-    assert len(checked) >= 2 * 47 * 113  # every linear of every decode step (28 layers x 4 + the head)
+        tokens = pipe.generate(text, GenerationConfig(max_new_tokens=48)).tokens
+        prefill(pipe.target.backend, pipe.encode(text))  # verification-sized forwards over the same tokens
+        for size in range(limit, 1, -1):
+            pipe.target.backend.forward(torch.tensor([tokens[:size]]))
+            tokens = tokens[size:]
+    assert checked[1] >= 2 * 47 * 113  # every linear of every decode step (28 layers x 4 + the head)
+    assert all(checked[m] == 2 * 113 for m in range(2, limit + 1)), checked

@@ -1,13 +1,16 @@
 """Native CPU kernels, compiled on first use.
 
-Two so far, both small-batch linears for decode steps: the int4 weight-only linear of the draft
-(``q4.c``) and the int8 linear of the target, bit-identical to FBGEMM's (``q8.c``). The C sources ship
-with the package and are compiled once, into one library, with the system C compiler into the model cache
-(``$SPECBRANCH_CACHE/kernels``), keyed by a hash of the source and the flags, then loaded with
-``ctypes``. Compiling takes about a second. It needs an x86-64 CPU with AVX2 and FMA and a C
-compiler (``cc``/``gcc``); where either is missing :func:`unavailable` says why and callers fall back
-to int8. The library links the same ``libgomp.so.1`` torch has loaded, so it shares torch's OpenMP
-thread pool and follows ``torch.set_num_threads``.
+Two so far, both small-batch linears: the int4 weight-only linear of the draft's decode steps
+(``q4.c``) and the int8 linear of the target's decode steps and verifications, bit-identical to
+FBGEMM's (``q8.c``: 1-2 rows on AVX2, 1-8 where the CPU has AVX-512 VNNI). Each has AVX2 code and
+AVX-512 VNNI code; ``isa.c`` picks one at run time from the CPU, and both give the same bits.
+
+The C sources ship with the package and are compiled once, into one library, with the system C
+compiler into the model cache (``$SPECBRANCH_CACHE/kernels``), keyed by a hash of the source and the
+flags, then loaded with ``ctypes``. Compiling takes a few seconds. It needs an x86-64 CPU with AVX2
+and FMA and a C compiler (``cc``/``gcc``); where either is missing :func:`unavailable` says why and
+callers fall back to int8. The library links the same ``libgomp.so.1`` torch has loaded, so it
+shares torch's OpenMP thread pool and follows ``torch.set_num_threads``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("q4.c", "q8.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("isa.c", "q4.c", "q8.c"))
 # -ffp-contract=off: the compiler must not fuse a * b + c on its own. Each row-count specialization of the
 # kernel is scheduled differently, and a contraction in one but not another would make a row's result
 # depend on the batch it came in (caught by test_int4_linear_is_batch_and_thread_invariant).
@@ -94,6 +97,10 @@ def library() -> ctypes.CDLL:
     lib.q8_padded_rows.restype = i64
     lib.q8_pack.argtypes = [p, i64, i64, i64, p, p]
     lib.q8_pack.restype = None
+    lib.q8_max_rows.argtypes = []
+    lib.q8_max_rows.restype = ctypes.c_int
+    lib.kernels_select_isa.argtypes = [ctypes.c_int]
+    lib.kernels_select_isa.restype = ctypes.c_int
     return lib
 
 

@@ -21,6 +21,11 @@
  * and raw = sum u * w - 64 * sum w. Integer sums are exact in any order, so a row's result does not
  * depend on the other rows, the blocking or the thread count.
  *
+ * Two codes, chosen at run time (isa.c): AVX2, the maddubs above, for 1-2 rows (beyond that its
+ * multiplies, not memory, are the limit, and FBGEMM is faster), and AVX-512 VNNI for 1-8 rows: one
+ * dpbusd per 64 products instead of three instructions per 32, so up to 8 rows (the target's
+ * verification of a drafted block) still stream the weights at memory speed. Both give the same bits.
+ *
  * Weight layout ("blocked"): blocks of 4 output rows; inside a block, for each 32-column chunk, the
  * 4 rows' 32 bytes one after another: w_blk[N/4][K/32][4][32] (zero-padded to whole blocks and
  * chunks). A block's weights are then one sequential run of memory. The row-major layout read 4
@@ -33,7 +38,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define Q8_MMAX 2  /* most activation rows per call (q8_linear_f32 checks) */
+#define Q8_MMAX 2       /* most activation rows per call on AVX2 (q8_linear_f32 checks) */
+#define Q8_VNNI_MMAX 8  /* ... and on AVX-512 VNNI */
 #define Q8_ZERO 64 /* activation offset: u = q + 64 */
 #define Q8_NB 4    /* output rows per block */
 #define Q8_KC 32   /* columns per chunk */
@@ -129,16 +135,73 @@ static void q8_quantize_rows(const float *x, int64_t M, int64_t K, int64_t Kp, f
 Q8_BLOCK(1)
 Q8_BLOCK(2)
 
+/* The same block on AVX-512 VNNI. A 64-byte load holds two rows' 32-column chunk (rows 0-1 and 2-3 of the
+ * block), and each activation chunk is broadcast to both halves, so one dpbusd serves two output rows: acc[i][h]
+ * holds row 2h in its low 256 bits and row 2h + 1 in its high ones. 2 * M accumulators: 16 of 32 registers at
+ * M = 8. */
+#define Q8_VNNI "avx512f,avx512bw,avx512vl,avx512vnni"
+#define Q8_VNNI_BLOCK(M)                                                                                     \
+    __attribute__((target(Q8_VNNI))) static void q8_vnni_block_##M(                                          \
+        const uint8_t *u, const float *s, int64_t C, const int8_t *wb, const int32_t *wsum, const float *mult, \
+        const float *bias, int64_t N, int64_t b, float *y) {                                                 \
+        const int64_t Kp = C * Q8_KC;                                                                        \
+        const int8_t *p = wb + b * Q8_NB * Kp;                                                               \
+        __m512i acc[M][2];                                                                                   \
+        for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();                         \
+        for (int64_t c = 0; c < C; ++c, p += Q8_NB * Q8_KC) {                                                \
+            const __m512i w01 = _mm512_loadu_si512((const void *)p);                                         \
+            const __m512i w23 = _mm512_loadu_si512((const void *)(p + 2 * Q8_KC));                           \
+            for (int i = 0; i < M; ++i) {                                                                    \
+                const __m512i xv = _mm512_broadcast_i64x4(                                                   \
+                    _mm256_loadu_si256((const __m256i *)(u + i * Kp + c * Q8_KC)));                          \
+                acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], xv, w01);                                         \
+                acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], xv, w23);                                         \
+            }                                                                                                \
+        }                                                                                                    \
+        for (int j = 0; j < Q8_NB; ++j) {                                                                    \
+            const int64_t n = b * Q8_NB + j;                                                                 \
+            if (n >= N) break;                                                                               \
+            for (int i = 0; i < M; ++i) {                                                                    \
+                const __m512i a = acc[i][j / 2];                                                             \
+                const int32_t dot = j % 2 ? hsum_epi32(_mm512_extracti64x4_epi64(a, 1))                      \
+                                          : hsum_epi32(_mm512_castsi512_si256(a));                           \
+                const int32_t raw = dot - Q8_ZERO * wsum[n];                                                 \
+                float v = (float)raw * mult[n];                                                              \
+                v = v * s[i];                                                                                \
+                if (bias) v = v + bias[n];                                                                   \
+                y[i * N + n] = v;                                                                            \
+            }                                                                                                \
+        }                                                                                                    \
+    }
+
+Q8_VNNI_BLOCK(1)
+Q8_VNNI_BLOCK(2)
+Q8_VNNI_BLOCK(3)
+Q8_VNNI_BLOCK(4)
+Q8_VNNI_BLOCK(5)
+Q8_VNNI_BLOCK(6)
+Q8_VNNI_BLOCK(7)
+Q8_VNNI_BLOCK(8)
+
 typedef void (*q8_block_fn)(const uint8_t *, const float *, int64_t, const int8_t *, const int32_t *, const float *,
                             const float *, int64_t, int64_t, float *);
 
-/* y [M, N] = the layer applied to x [M, K] for M in 1..Q8_MMAX (else -2; -1 if out of memory).
+static const q8_block_fn q8_avx2_blocks[Q8_MMAX + 1] = {0, q8_block_1, q8_block_2};
+static const q8_block_fn q8_vnni_blocks[Q8_VNNI_MMAX + 1] = {
+    0, q8_vnni_block_1, q8_vnni_block_2, q8_vnni_block_3, q8_vnni_block_4,
+    q8_vnni_block_5, q8_vnni_block_6, q8_vnni_block_7, q8_vnni_block_8};
+
+int kernels_vnni(void); /* isa.c */
+
+/* Most activation rows one call takes with the code in use. */
+int q8_max_rows(void) { return kernels_vnni() ? Q8_VNNI_MMAX : Q8_MMAX; }
+
+/* y [M, N] = the layer applied to x [M, K] for M in 1..q8_max_rows() (else -2; -1 if out of memory).
  * wb, wsum: from q8_pack; mult[n] = a * w_scale[n]; inv = 1 / a. The blocks are split over the
  * OpenMP threads, one contiguous run each. */
 int q8_linear_f32(const float *x, int64_t M, int64_t K, const int8_t *wb, const int32_t *wsum, const float *mult,
                   float inv, const float *bias, int64_t N, float *y) {
-    static const q8_block_fn blocks[Q8_MMAX + 1] = {0, q8_block_1, q8_block_2};
-    if (M < 1 || M > Q8_MMAX) return -2;
+    if (M < 1 || M > q8_max_rows()) return -2;
     const int64_t C = q8_chunks(K), Kp = C * Q8_KC;
     uint8_t *u = malloc((size_t)(M * Kp));
     float *s = malloc((size_t)M * sizeof(float));
@@ -148,7 +211,7 @@ int q8_linear_f32(const float *x, int64_t M, int64_t K, const int8_t *wb, const 
         return -1;
     }
     q8_quantize_rows(x, M, K, Kp, inv, u, s);
-    const q8_block_fn block = blocks[M];
+    const q8_block_fn block = kernels_vnni() ? q8_vnni_blocks[M] : q8_avx2_blocks[M];
     const int64_t B = q8_blocks(N);
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < B; ++b) block(u, s, C, wb, wsum, mult, bias, N, b, y);

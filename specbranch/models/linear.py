@@ -61,9 +61,11 @@ class Int8Linear:
     # FBGEMM's activation scale under that pinning: range [-1, 1] over reduce_range's 127 steps
     ACT_SCALE = torch.tensor(2.0 / 127.0, dtype=torch.float32)
     ACT_INV = float(1.0 / ACT_SCALE)  # computed in float32, as FBGEMM does (63.5)
-    # Calls of up to this many rows (decode steps) run the native kernel (kernels/q8.c, compiled for 1-2 rows):
-    # bit-identical results, weights streamed faster; larger ones (verification, prompts) run FBGEMM, faster there.
-    KERNEL_ROWS = 2
+    # Calls of up to this many rows run the native kernel (kernels/q8.c): bit-identical results, weights streamed
+    # faster. The kernel itself takes 1-2 rows on AVX2 (decode steps: beyond that its multiplies, not memory, are
+    # the limit and FBGEMM is faster) and 1-8 on AVX-512 VNNI (verifying a drafted block too); the rest (prompts)
+    # run FBGEMM. Tests set 0 to force FBGEMM.
+    KERNEL_ROWS = 8
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.qweight = qweight  # int8 [N, K + PAD]
@@ -105,7 +107,7 @@ class Int8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if 0 < rows <= self.KERNEL_ROWS and self.prepare_native().blocked is not None:
+        if 0 < rows <= min(self.KERNEL_ROWS, _kernel_rows()) and self.prepare_native().blocked is not None:
             return self._native(x, rows)
         if self.packed is None:
             self.pack()
@@ -135,7 +137,7 @@ class Int8Linear:
     def _native(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """The FBGEMM path's result, bit for bit, in one foreign call (see kernels/q8.c)."""
         lib, k, n = _native_kernels(), x.shape[-1], self.out_features
-        return _kernel_linear("int8", x, rows, n, "1 or 2", lambda x2, y: lib.q8_linear_f32(
+        return _kernel_linear("int8", x, rows, n, f"1..{_kernel_rows()}", lambda x2, y: lib.q8_linear_f32(
             x2, rows, k, self.blocked.data_ptr(), self.wsum.data_ptr(), self.mult.data_ptr(), self.ACT_INV,
             None if self.bias is None else self.bias.data_ptr(), n, y))
 
@@ -166,6 +168,12 @@ def _native_kernels():
         return library()
     except KernelUnavailable:
         return None
+
+
+def _kernel_rows() -> int:
+    """Most rows the int8 kernel takes on this CPU (0 where it cannot run)."""
+    lib = _native_kernels()
+    return lib.q8_max_rows() if lib is not None else 0
 
 
 class Int4Linear:
