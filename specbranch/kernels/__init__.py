@@ -1,9 +1,9 @@
 """Native CPU kernels, compiled on first use.
 
-Two so far, both small-batch linears: the int4 weight-only linear of the draft's decode steps
-(``q4.c``) and the int8 linear of the target's decode steps and verifications, bit-identical to
-FBGEMM's (``q8.c``: 1-2 rows on AVX2, 1-8 where the CPU has AVX-512 VNNI). Each has AVX2 code and
-AVX-512 VNNI code; ``isa.c`` picks one at run time from the CPU, and both give the same bits.
+Small-batch linears: the int4 weight-only linear of the draft's decode steps (``q4.c``) and the int8
+linear of the target's decode steps and verifications, bit-identical to FBGEMM's (``q8.c``: 1-2 rows
+on AVX2, 1-8 where the CPU has AVX-512 VNNI). Each has AVX2 code and AVX-512 VNNI code; ``isa.c``
+picks one at run time from the CPU, and both give the same bits.
 
 The C sources ship with the package and are compiled once, into one library, with the system C
 compiler into the model cache (``$SPECBRANCH_CACHE/kernels``), keyed by a hash of the source and the
@@ -102,6 +102,16 @@ def library() -> ctypes.CDLL:
     lib.kernels_select_isa.argtypes = [ctypes.c_int]
     lib.kernels_select_isa.restype = ctypes.c_int
     return lib
+
+
+@functools.cache
+def optional_library() -> ctypes.CDLL | None:
+    """The library, or None where it cannot be built here: callers then take their torch path (FBGEMM for
+    the int8 linear: the same results, only slower)."""
+    try:
+        return library()
+    except KernelUnavailable:
+        return None
 
 
 def unavailable() -> str | None:

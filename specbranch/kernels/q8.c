@@ -43,6 +43,11 @@
 #define Q8_ZERO 64 /* activation offset: u = q + 64 */
 #define Q8_NB 4    /* output rows per block */
 #define Q8_KC 32   /* columns per chunk */
+/* VNNI code: prefetch the weights this many bytes ahead. At 8 rows one core spends about as long on
+ * the multiplies as on the stream, and without prefetching the two did not overlap: a simulated target
+ * step (the real shapes, 1.55 GB) took 206-216 ms at 8 rows on one core, 146-170 ms with 4-8 KB of
+ * lead, and on two cores 131 ms against 91-110. */
+#define Q8_PREFETCH 8192
 
 static inline int32_t hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -149,6 +154,8 @@ Q8_BLOCK(2)
         __m512i acc[M][2];                                                                                   \
         for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();                         \
         for (int64_t c = 0; c < C; ++c, p += Q8_NB * Q8_KC) {                                                \
+            _mm_prefetch((const char *)p + Q8_PREFETCH, _MM_HINT_T0);                                        \
+            _mm_prefetch((const char *)p + Q8_PREFETCH + 64, _MM_HINT_T0);                                   \
             const __m512i w01 = _mm512_loadu_si512((const void *)p);                                         \
             const __m512i w23 = _mm512_loadu_si512((const void *)(p + 2 * Q8_KC));                           \
             for (int i = 0; i < M; ++i) {                                                                    \

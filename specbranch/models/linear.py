@@ -13,11 +13,12 @@ rows are computed together; the row scale is multiplied back afterwards.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels import optional_library
 
 PRECISIONS = ("fp32", "bf16", "int8", "fp64")
 # int4 is a draft-only precision (weight-only int4 decode steps over the int8 model): see Int4Linear
@@ -123,7 +124,7 @@ class Int8Linear:
     def prepare_native(self) -> "Int8Linear":
         """Build the native kernel's copy of the weights (kernels/q8.c: blocked layout, row sums, FBGEMM's
         output multipliers). Done on first use, or ahead by the loader; a no-op where the kernel cannot run."""
-        lib = _native_kernels()
+        lib = optional_library()
         if self.blocked is None and lib is not None:
             n, k = self.out_features, self.qweight.shape[1] - self.PAD
             blocked = torch.empty(lib.q8_packed_size(n, k), dtype=torch.int8)
@@ -136,7 +137,7 @@ class Int8Linear:
 
     def _native(self, x: torch.Tensor, rows: int) -> torch.Tensor:
         """The FBGEMM path's result, bit for bit, in one foreign call (see kernels/q8.c)."""
-        lib, k, n = _native_kernels(), x.shape[-1], self.out_features
+        lib, k, n = optional_library(), x.shape[-1], self.out_features
         return _kernel_linear("int8", x, rows, n, f"1..{_kernel_rows()}", lambda x2, y: lib.q8_linear_f32(
             x2, rows, k, self.blocked.data_ptr(), self.wsum.data_ptr(), self.mult.data_ptr(), self.ACT_INV,
             None if self.bias is None else self.bias.data_ptr(), n, y))
@@ -158,21 +159,9 @@ def _kernel_linear(kind: str, x: torch.Tensor, rows: int, n: int, takes: str, ru
     return y.view(*x.shape[:-1], n).to(x.dtype)
 
 
-@functools.cache
-def _native_kernels():
-    """The compiled kernel library, or None where it cannot run (then FBGEMM serves every call, with the
-    same results, only slower)."""
-    from ..kernels import KernelUnavailable, library
-
-    try:
-        return library()
-    except KernelUnavailable:
-        return None
-
-
 def _kernel_rows() -> int:
     """Most rows the int8 kernel takes on this CPU (0 where it cannot run)."""
-    lib = _native_kernels()
+    lib = optional_library()
     return lib.q8_max_rows() if lib is not None else 0
 
 
