@@ -103,6 +103,12 @@ static void q8_quantize_rows(const float *x, int64_t M, int64_t K, int64_t Kp, f
     }
 }
 
+/* FBGEMM's output step for one element, float op for float op: ((float)raw * mult) * s + bias. */
+static inline float q8_output(int32_t dot, int32_t wsum, float mult, float s, const float *bias, int64_t n) {
+    const float v = ((float)(dot - Q8_ZERO * wsum) * mult) * s;
+    return bias ? v + bias[n] : v;
+}
+
 /* One block of 4 output rows against M activation rows (M a compile-time constant so the 4 * M
  * accumulators stay in registers). */
 #define Q8_BLOCK(M)                                                                                          \
@@ -127,13 +133,8 @@ static void q8_quantize_rows(const float *x, int64_t M, int64_t K, int64_t Kp, f
         for (int j = 0; j < Q8_NB; ++j) {                                                                    \
             const int64_t n = b * Q8_NB + j;                                                                 \
             if (n >= N) break;                                                                               \
-            for (int i = 0; i < M; ++i) {                                                                    \
-                const int32_t raw = hsum_epi32(acc[i][j]) - Q8_ZERO * wsum[n];                               \
-                float v = (float)raw * mult[n];                                                              \
-                v = v * s[i];                                                                                \
-                if (bias) v = v + bias[n];                                                                   \
-                y[i * N + n] = v;                                                                            \
-            }                                                                                                \
+            for (int i = 0; i < M; ++i)                                                                      \
+                y[i * N + n] = q8_output(hsum_epi32(acc[i][j]), wsum[n], mult[n], s[i], bias, n);            \
         }                                                                                                    \
     }
 
@@ -172,11 +173,7 @@ Q8_BLOCK(2)
                 const __m512i a = acc[i][j / 2];                                                             \
                 const int32_t dot = j % 2 ? hsum_epi32(_mm512_extracti64x4_epi64(a, 1))                      \
                                           : hsum_epi32(_mm512_castsi512_si256(a));                           \
-                const int32_t raw = dot - Q8_ZERO * wsum[n];                                                 \
-                float v = (float)raw * mult[n];                                                              \
-                v = v * s[i];                                                                                \
-                if (bias) v = v + bias[n];                                                                   \
-                y[i * N + n] = v;                                                                            \
+                y[i * N + n] = q8_output(dot, wsum[n], mult[n], s[i], bias, n);                              \
             }                                                                                                \
         }                                                                                                    \
     }
