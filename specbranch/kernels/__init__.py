@@ -1,9 +1,9 @@
 """Native CPU kernels, compiled on first use.
 
-Small-batch linears: the int4 weight-only linear of the draft's decode steps (``q4.c``) and the int8
-linear of the target's decode steps and verifications, bit-identical to FBGEMM's (``q8.c``: 1-2 rows
-on AVX2, 1-8 where the CPU has AVX-512 VNNI). Each has AVX2 code and AVX-512 VNNI code; ``isa.c``
-picks one at run time from the CPU, and both give the same bits.
+Small-batch linears: the int4 weight-only linear of the draft's decode steps (``q4.c``, AVX2) and the
+int8 linear of the target's decode steps and verifications, bit-identical to FBGEMM's (``q8.c``: AVX2
+code for 1-2 rows and AVX-512 VNNI code for 1-8, which ``isa.c`` picks at run time from the CPU; both
+give the same bits).
 
 The C sources ship with the package and are compiled once, into one library, with the system C
 compiler into the model cache (``$SPECBRANCH_CACHE/kernels``), keyed by a hash of the source and the

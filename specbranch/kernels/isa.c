@@ -1,5 +1,7 @@
-/* Which instruction set the kernels run: chosen once at run time from the CPU, so one library serves
- * AVX2 machines and AVX-512 VNNI ones alike; tests pin AVX2 to compare the two codes on one machine.
+/* Which instruction set the int8 kernel (q8.c) runs: chosen once at run time from the CPU, so one
+ * library serves AVX2 machines and AVX-512 VNNI ones alike; tests pin AVX2 to compare the two codes
+ * on one machine. (The int4 draft kernel stays AVX2: its VNNI version measured no faster, 0.93-1.10x
+ * a draft step on this session's Intel CPU, whose 256-bit dpbusd is slow.)
  *
  * Why VNNI matters: its dpbusd multiplies u8 by s8 and adds each 4 products straight into 32 bits,
  * one instruction where AVX2 needs three (maddubs to 16 bits, madd to 32, add). Both sums are exact,

@@ -1,5 +1,4 @@
-/* Weight-only int4 linear for small batches on AVX2 CPUs (the draft's decode steps), with AVX-512
- * VNNI code where the CPU has it (isa.c).
+/* Weight-only int4 linear for small batches on AVX2 CPUs (the draft's decode steps).
  *
  * Why: decoding is memory-bound, so a draft step costs the bytes it reads. Group-wise int4
  * weights read 0.5625 bytes per weight against int8's 1, and torch 2.13 has no fast int4 CPU
@@ -22,8 +21,6 @@
 
 #define GROUP 64
 #define MMAX 4 /* most activation rows per call (q4_linear_f32 checks) */
-
-int kernels_vnni(void); /* isa.c */
 
 
 static inline float hsum_ps(__m256 v) {
@@ -56,25 +53,16 @@ static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, f
 
 /* One block of NB weight rows against M activation rows (M and NB compile-time constants, so the
  * accumulators stay in registers: with M a run-time value they lived on the stack, and a 1-row
- * decode step ran at about a third of the core's integer throughput). DOT(lo, hi, x0, x1) is a
- * group's integer dot product as 8 int32 lanes, lane l summing bytes 4l..4l+3 of both nibble halves:
- * on AVX2 the two halves' u8 x s8 products are summed in int16 (at most 2 * 2 * 15 * 127 = 7620)
- * before one widening madd; on AVX-512 VNNI two dpbusd give the same lanes (isa.c), so both codes
- * give the same bits. Every (row, weight row) accumulator sees the same operations in the same
+ * decode step ran at about a third of the core's integer throughput). Per group and row pair the
+ * two nibble halves' u8 x s8 products are summed in int16 (at most 2 * 2 * 15 * 127 = 7620) before
+ * one widening madd. Every (row, weight row) accumulator sees the same operations in the same
  * order whatever M is, so results stay batch-invariant. */
-#define Q4_DOT_AVX2(lo, hi, x0, x1) \
-    _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1)), \
-                      _mm256_set1_epi16(1))
-#define Q4_DOT_VNNI(lo, hi, x0, x1) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, x0), hi, x1)
-#define Q4_AVX2 "avx2,fma"
-#define Q4_VNNI "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"
-
-#define Q4_BLOCK(ISA, M, NB)                                                                                \
-    __attribute__((target(Q4_##ISA))) static void q4_##ISA##_block_##M##_##NB(                              \
-        const int8_t *xq, const float *xs, const int32_t *xsum, int64_t K, const uint8_t *w, const float *d, \
-        const float *bias, int64_t N, int64_t n0, float *y) {                                              \
+#define Q4_BLOCK(M, NB)                                                                                     \
+    static void q4_block_##M##_##NB(const int8_t *xq, const float *xs, const int32_t *xsum, int64_t K,     \
+                                    const uint8_t *w, const float *d, const float *bias, int64_t N,        \
+                                    int64_t n0, float *y) {                                                \
         const int64_t G = K / GROUP, row_bytes = K / 2;                                                    \
-        const __m256i low = _mm256_set1_epi8(0x0F);                                                        \
+        const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);                          \
         __m256 acc[M][NB];                                                                                 \
         float corr[M][NB];                                                                                 \
         for (int i = 0; i < M; ++i)                                                                        \
@@ -93,8 +81,10 @@ static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, f
                 const __m256 dv = _mm256_set1_ps(dj);                                                      \
                 for (int i = 0; i < M; ++i) {                                                              \
                     const int8_t *x = xq + i * K + g * GROUP;                                              \
-                    const __m256i s = Q4_DOT_##ISA(lo, hi, _mm256_loadu_si256((const __m256i *)x),         \
-                                                   _mm256_loadu_si256((const __m256i *)(x + 32)));         \
+                    const __m256i s16 = _mm256_add_epi16(                                                  \
+                        _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),                  \
+                        _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))));          \
+                    const __m256i s = _mm256_madd_epi16(s16, ones);                                        \
                     acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), dv, acc[i][j]);                     \
                     corr[i][j] += dj * (8.f * (float)xsum[i * G + g]);                                     \
                 }                                                                                          \
@@ -108,17 +98,14 @@ static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, f
             }                                                                                              \
     }
 
-#define Q4_BLOCKS(ISA)    \
-    Q4_BLOCK(ISA, 1, 4)   \
-    Q4_BLOCK(ISA, 2, 4)   \
-    Q4_BLOCK(ISA, 3, 2)   \
-    Q4_BLOCK(ISA, 4, 2)   \
-    Q4_BLOCK(ISA, 1, 1)   \
-    Q4_BLOCK(ISA, 2, 1)   \
-    Q4_BLOCK(ISA, 3, 1)   \
-    Q4_BLOCK(ISA, 4, 1)
-Q4_BLOCKS(AVX2)
-Q4_BLOCKS(VNNI)
+Q4_BLOCK(1, 4)
+Q4_BLOCK(2, 4)
+Q4_BLOCK(3, 2)
+Q4_BLOCK(4, 2)
+Q4_BLOCK(1, 1)
+Q4_BLOCK(2, 1)
+Q4_BLOCK(3, 1)
+Q4_BLOCK(4, 1)
 
 typedef void (*q4_block_fn)(const int8_t *, const float *, const int32_t *, int64_t, const uint8_t *,
                             const float *, const float *, int64_t, int64_t, float *);
@@ -127,15 +114,10 @@ typedef void (*q4_block_fn)(const int8_t *, const float *, const int32_t *, int6
  * than NB weight rows goes one row at a time. */
 static void q4_linear(const int8_t *xq, const float *xs, const int32_t *xsum, int64_t M, int64_t K, const uint8_t *w,
                const float *d, const float *bias, int64_t N, float *y) {
-    static const q4_block_fn blocks[2][MMAX + 1] = {
-        {0, q4_AVX2_block_1_4, q4_AVX2_block_2_4, q4_AVX2_block_3_2, q4_AVX2_block_4_2},
-        {0, q4_VNNI_block_1_4, q4_VNNI_block_2_4, q4_VNNI_block_3_2, q4_VNNI_block_4_2}};
-    static const q4_block_fn singles[2][MMAX + 1] = {
-        {0, q4_AVX2_block_1_1, q4_AVX2_block_2_1, q4_AVX2_block_3_1, q4_AVX2_block_4_1},
-        {0, q4_VNNI_block_1_1, q4_VNNI_block_2_1, q4_VNNI_block_3_1, q4_VNNI_block_4_1}};
+    static const q4_block_fn blocks[MMAX + 1] = {0, q4_block_1_4, q4_block_2_4, q4_block_3_2, q4_block_4_2};
+    static const q4_block_fn singles[MMAX + 1] = {0, q4_block_1_1, q4_block_2_1, q4_block_3_1, q4_block_4_1};
     static const int widths[MMAX + 1] = {0, 4, 4, 2, 2};
-    const int isa = kernels_vnni();
-    const q4_block_fn block = blocks[isa][M], single = singles[isa][M];
+    const q4_block_fn block = blocks[M], single = singles[M];
     const int64_t nb = widths[M], full = N / nb;
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < full; ++b) block(xq, xs, xsum, K, w, d, bias, N, b * nb, y);
