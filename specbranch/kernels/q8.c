@@ -46,7 +46,7 @@
 /* VNNI code: prefetch the weights this many bytes ahead. At 8 rows one core spends about as long on
  * the multiplies as on the stream, and without prefetching the two did not overlap: a simulated target
  * step (the real shapes, 1.55 GB) took 206-216 ms at 8 rows on one core, 146-170 ms with 4-8 KB of
- * lead, and on two cores 131 ms against 91-110. */
+ * lead, and on two cores 131 ms against 110 with 8 KB (single runs on a noisy machine). */
 #define Q8_PREFETCH 8192
 
 static inline int32_t hsum_epi32(__m256i v) {
