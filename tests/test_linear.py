@@ -108,6 +108,26 @@ def test_int8_kernel_is_thread_invariant_and_refuses_large_batches(kernel_isa):
                                    lin.mult.data_ptr(), lin.ACT_INV, None, 257, y.data_ptr()) == -2
 
 
+def test_int8_kernel_gives_the_same_bits_with_avx2_and_vnni():
+    """The AVX-512 VNNI code sums the same integers as the AVX2 code, so a target step gives the same result
+    whichever the CPU runs (both are also compared with FBGEMM above; this holds them to each other directly)."""
+    from specbranch.kernels import library
+
+    lib = library()
+    if not lib.kernels_select_isa(1):
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    lin = Int8Linear.from_float(torch.randn(131, 650) * 0.05, torch.randn(131))
+    x = torch.randn(2, 650)
+    x[0] = near_ties(650)
+    vnni = lin(x)
+    try:
+        lib.kernels_select_isa(0)
+        avx2 = lin(x)
+    finally:
+        lib.kernels_select_isa(1)
+    assert torch.equal(vnni, avx2)
+
+
 @pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("fp64", torch.float64), ("bf16", torch.float32)])
 def test_dense_linear_returns_the_input_dtype(precision, dtype):
     lin = make_linear(torch.randn(8, 4), None, precision)
@@ -182,26 +202,6 @@ def test_int4_linear_is_batch_and_thread_invariant():
     assert torch.equal(one, two) and torch.equal(one, together)
 
 
-def test_int8_kernel_gives_the_same_bits_with_avx2_and_vnni():
-    """The AVX-512 VNNI code sums the same integers as the AVX2 code, so a target step gives the same result
-    whichever the CPU runs (both are also compared with FBGEMM above; this holds them to each other directly)."""
-    from specbranch.kernels import library
-
-    lib = library()
-    if not lib.kernels_select_isa(1):
-        pytest.skip("this CPU has no AVX-512 VNNI")
-    lin = Int8Linear.from_float(torch.randn(131, 650) * 0.05, torch.randn(131))
-    x = torch.randn(2, 650)
-    x[0] = near_ties(650)
-    vnni = lin(x)
-    try:
-        lib.kernels_select_isa(0)
-        avx2 = lin(x)
-    finally:
-        lib.kernels_select_isa(1)
-    assert torch.equal(vnni, avx2)
-
-
 def test_int4_linear_falls_back_to_int8_for_large_batches():
     lin, w = int4_layer()
     x = torch.randn(2, lin.MAX_ROWS + 1, 192)  # 10 rows: the prompt-sized path
@@ -210,6 +210,8 @@ def test_int4_linear_falls_back_to_int8_for_large_batches():
     y = torch.empty(lin.MAX_ROWS + 1, lin.out_features)  # the kernel itself refuses what it has no code for
     assert lin.lib.q4_linear_f32(x[0].contiguous().data_ptr(), lin.MAX_ROWS + 1, 192, lin.packed.data_ptr(),
                                  lin.scales.data_ptr(), None, lin.out_features, y.data_ptr()) == -2
+    six = torch.randn(6, 192)  # within the int8 kernel's rows on VNNI, but an int4 layer's base stays on FBGEMM
+    assert torch.equal(lin(six), fbgemm_only(lin.base, six)) and lin.base.blocked is None
     small = x[0, :2]
     assert not torch.equal(lin(small), lin.base(small))  # below the limit the int4 weights serve
     want = torch.nn.functional.linear(small, w, lin.bias)

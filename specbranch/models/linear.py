@@ -78,6 +78,7 @@ class Int8Linear:
         self.pad = pad
         self.packed = None
         self.blocked = self.wsum = self.mult = None  # the native kernel's weights (prepare_native)
+        self.use_kernel = True  # False under an Int4Linear: it serves only prompts, so no blocked copy is built
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
@@ -108,7 +109,8 @@ class Int8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if 0 < rows <= min(self.KERNEL_ROWS, _kernel_rows()) and self.prepare_native().blocked is not None:
+        if (self.use_kernel and 0 < rows <= min(self.KERNEL_ROWS, _kernel_rows())
+                and self.prepare_native().blocked is not None):
             return self._native(x, rows)
         if self.packed is None:
             self.pack()
@@ -185,6 +187,7 @@ class Int4Linear:
 
         self.lib = library()
         self.base = base
+        base.use_kernel = False  # batches of up to MAX_ROWS are ours; the larger ones (prompts) stay on FBGEMM
         self.packed = packed  # uint8 [N, K/2]
         self.scales = scales  # fp32 [N, K/64]
         self.bias = None if base.bias is None else base.bias.float().contiguous()
