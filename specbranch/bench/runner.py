@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import BenchConfig, BenchEngine, GenerationConfig, ModelConfig, RuntimeConfig, SamplingConfig, SpeculationConfig
+from ..kernels import code_in_use, cpu_model
 from ..metrics import Metrics
 from ..pipeline import Pipeline
 from .datasets import Prompt, load_prompts
@@ -59,7 +60,8 @@ def environment() -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
+        "int8_kernel": code_in_use(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "git_commit": commit,

@@ -36,14 +36,24 @@ class KernelUnavailable(RuntimeError):
     """The native kernel cannot be built or run on this machine (the message says why)."""
 
 
-def _cpu_flags() -> set[str]:
+def _cpuinfo(field: str) -> str:
+    """The first ``field`` line of /proc/cpuinfo ("" where there is none, e.g. not Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+            if line.split(":", 1)[0].strip() == field:
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def _cpu_flags() -> set[str]:
+    return set(_cpuinfo("flags").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (for benchmark reports: kernel speeds differ between CPUs)."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _compiler() -> str | None:
@@ -121,3 +131,11 @@ def unavailable() -> str | None:
     except KernelUnavailable as e:
         return str(e)
     return None
+
+
+def code_in_use() -> str:
+    """Which code the int8 kernel runs here: "AVX-512 VNNI", "AVX2", or "none (<why>)"."""
+    lib = optional_library()
+    if lib is None:
+        return f"none ({unavailable()})"
+    return "AVX-512 VNNI" if lib.q8_max_rows() > 2 else "AVX2"
