@@ -1,5 +1,7 @@
 """The precision-specific linear layers."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -50,19 +52,29 @@ def near_ties(k: int) -> torch.Tensor:
     return row
 
 
+@contextmanager
+def pinned_isa(vnni: bool):
+    """The int8 kernel's AVX-512 VNNI code (where the CPU has it) or its AVX2 code, inside the block; yields the
+    code in use (True: VNNI). Afterwards the best code the CPU has again."""
+    from specbranch.kernels import library
+
+    lib = library()
+    try:
+        yield bool(lib.kernels_select_isa(vnni))
+    finally:
+        lib.kernels_select_isa(1)
+
+
 @pytest.fixture(params=["avx2", "vnni"])
 def kernel_isa(request):
     """Run a test once with the int8 kernel's AVX2 code and once with its AVX-512 VNNI code (skipped where the
     CPU lacks VNNI); yields the most rows the kernel then takes."""
     from specbranch.kernels import library
 
-    lib = library()
-    try:
-        if lib.kernels_select_isa(request.param == "vnni") != (request.param == "vnni"):
+    with pinned_isa(request.param == "vnni") as vnni:
+        if vnni != (request.param == "vnni"):
             pytest.skip("this CPU has no AVX-512 VNNI")
-        yield lib.q8_max_rows()
-    finally:
-        lib.kernels_select_isa(1)  # back to the best code the CPU has
+        yield library().q8_max_rows()
 
 
 @pytest.mark.parametrize("n,k,bias", [(300, 200, True), (129, 1536, False), (66, 650, True)])
@@ -111,21 +123,16 @@ def test_int8_kernel_is_thread_invariant_and_refuses_large_batches(kernel_isa):
 def test_int8_kernel_gives_the_same_bits_with_avx2_and_vnni():
     """The AVX-512 VNNI code sums the same integers as the AVX2 code, so a target step gives the same result
     whichever the CPU runs (both are also compared with FBGEMM above; this holds them to each other directly)."""
-    from specbranch.kernels import library
-
-    lib = library()
-    if not lib.kernels_select_isa(1):
-        pytest.skip("this CPU has no AVX-512 VNNI")
     lin = Int8Linear.from_float(torch.randn(131, 650) * 0.05, torch.randn(131))
     x = torch.randn(2, 650)
     x[0] = near_ties(650)
-    vnni = lin(x)
-    try:
-        lib.kernels_select_isa(0)
-        avx2 = lin(x)
-    finally:
-        lib.kernels_select_isa(1)
-    assert torch.equal(vnni, avx2)
+    with pinned_isa(True) as vnni:
+        if not vnni:
+            pytest.skip("this CPU has no AVX-512 VNNI")
+        on_vnni = lin(x)
+    with pinned_isa(False):
+        on_avx2 = lin(x)
+    assert torch.equal(on_vnni, on_avx2)
 
 
 @pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("fp64", torch.float64), ("bf16", torch.float32)])

@@ -111,6 +111,8 @@ def library() -> ctypes.CDLL:
     lib.q8_max_rows.restype = ctypes.c_int
     lib.kernels_select_isa.argtypes = [ctypes.c_int]
     lib.kernels_select_isa.restype = ctypes.c_int
+    lib.kernels_vnni.argtypes = []
+    lib.kernels_vnni.restype = ctypes.c_int
     return lib
 
 
@@ -138,4 +140,4 @@ def code_in_use() -> str:
     lib = optional_library()
     if lib is None:
         return f"none ({unavailable()})"
-    return "AVX-512 VNNI" if lib.q8_max_rows() > 2 else "AVX2"
+    return "AVX-512 VNNI" if lib.kernels_vnni() else "AVX2"

@@ -109,9 +109,9 @@ class Int8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if (self.use_kernel and 0 < rows <= min(self.KERNEL_ROWS, _kernel_rows())
-                and self.prepare_native().blocked is not None):
-            return self._native(x, rows)
+        limit = min(self.KERNEL_ROWS, _kernel_rows()) if self.use_kernel else 0
+        if 0 < rows <= limit and self.prepare_native().blocked is not None:
+            return self._native(x, rows, limit)
         if self.packed is None:
             self.pack()
         shape = x.shape
@@ -137,18 +137,19 @@ class Int8Linear:
             self.blocked, self.wsum = blocked, wsum
         return self
 
-    def _native(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """The FBGEMM path's result, bit for bit, in one foreign call (see kernels/q8.c)."""
+    def _native(self, x: torch.Tensor, rows: int, limit: int) -> torch.Tensor:
+        """The FBGEMM path's result, bit for bit, in one foreign call (see kernels/q8.c); ``limit``: the most rows
+        it is called with."""
         lib, k, n = optional_library(), x.shape[-1], self.out_features
-        return _kernel_linear("int8", x, rows, n, f"1..{_kernel_rows()}", lambda x2, y: lib.q8_linear_f32(
+        return _kernel_linear("int8", x, rows, n, limit, lambda x2, y: lib.q8_linear_f32(
             x2, rows, k, self.blocked.data_ptr(), self.wsum.data_ptr(), self.mult.data_ptr(), self.ACT_INV,
             None if self.bias is None else self.bias.data_ptr(), n, y))
 
 
-def _kernel_linear(kind: str, x: torch.Tensor, rows: int, n: int, takes: str, run) -> torch.Tensor:
+def _kernel_linear(kind: str, x: torch.Tensor, rows: int, n: int, max_rows: int, run) -> torch.Tensor:
     """``x [..., K]`` (``rows`` rows) -> ``[..., n]`` through a C kernel: ``run(x_ptr, y_ptr)`` reads a float32
     contiguous ``[rows, K]`` copy of x, writes ``[rows, n]`` and returns 0, -1 (out of memory) or -2 (a row count
-    it has no code for; ``takes`` says which it has)."""
+    it has no code for; it takes 1..``max_rows``)."""
     k = x.shape[-1]
     x2 = x.reshape(rows, k)  # [rows, K]
     if x2.dtype != torch.float32 or not x2.is_contiguous():
@@ -157,7 +158,7 @@ def _kernel_linear(kind: str, x: torch.Tensor, rows: int, n: int, takes: str, ru
     err = run(x2.data_ptr(), y.data_ptr())
     if err:
         raise MemoryError(f"{kind} linear: no memory for {rows}x{k} activation scratch") if err == -1 else \
-            ValueError(f"{kind} linear: {rows} rows, the kernel takes {takes}")
+            ValueError(f"{kind} linear: {rows} rows, the kernel takes 1..{max_rows}")
     return y.view(*x.shape[:-1], n).to(x.dtype)
 
 
@@ -207,7 +208,7 @@ class Int4Linear:
         rows = x.numel() // k
         if rows > self.MAX_ROWS or rows == 0:
             return self.base(x)
-        return _kernel_linear("int4", x, rows, n, f"1..{self.MAX_ROWS}", lambda x2, y: self.lib.q4_linear_f32(
+        return _kernel_linear("int4", x, rows, n, self.MAX_ROWS, lambda x2, y: self.lib.q4_linear_f32(
             x2, rows, k, self.packed.data_ptr(), self.scales.data_ptr(),
             None if self.bias is None else self.bias.data_ptr(), n, y))
 
