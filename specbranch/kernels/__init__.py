@@ -1,6 +1,7 @@
 """Native CPU kernels, compiled on first use.
 
-Small-batch linears: the int4 weight-only linear of the draft's decode steps (``q4.c``, AVX2) and the
+Small-batch linears: the int4 weight-only linear of the draft's decode steps (``q4.c``, AVX2; ``q4_layer.c`` runs
+the rest of an int4 draft layer's step around it: norms, rope, SwiGLU, residual adds) and the
 int8 linear of the target's decode steps and verifications, bit-identical to FBGEMM's (``q8.c``: AVX2
 code for 1-2 rows and AVX-512 VNNI code for 1-8, which ``isa.c`` picks at run time from the CPU; both
 give the same bits).
@@ -25,7 +26,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("isa.c", "q4.c", "q8.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("isa.c", "q4.c", "q4_layer.c", "q8.c"))
 # -ffp-contract=off: the compiler must not fuse a * b + c on its own. Each row-count specialization of the
 # kernel is scheduled differently, and a contraction in one but not another would make a row's result
 # depend on the batch it came in (caught by test_int4_linear_is_batch_and_thread_invariant).
@@ -99,7 +100,12 @@ def library() -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.q4_linear_f32.argtypes = [p, i64, i64, p, p, p, i64, p]
     lib.q4_linear_f32.restype = ctypes.c_int
-    lib.q8_linear_f32.argtypes = [p, i64, i64, p, p, p, ctypes.c_float, p, i64, p]
+    f32 = ctypes.c_float
+    lib.q4_attn_in.argtypes = [p, i64, i64, p, f32, p, p, p, i64, p, p, i64, i64, i64, p]
+    lib.q4_attn_in.restype = ctypes.c_int
+    lib.q4_attn_out.argtypes = [p, p, i64, i64, i64, p, p, p, p, f32, p, p, i64, p, p, p]
+    lib.q4_attn_out.restype = ctypes.c_int
+    lib.q8_linear_f32.argtypes = [p, i64, i64, p, p, p, f32, p, i64, p]
     lib.q8_linear_f32.restype = ctypes.c_int
     lib.q8_packed_size.argtypes = [i64, i64]
     lib.q8_packed_size.restype = i64

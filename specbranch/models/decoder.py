@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import ModelError
 from ..kvcache import CacheView, KVCache
+from .fused import Int4Block
 from .linear import activation_dtype, make_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -177,6 +178,7 @@ class Layer:
         self.down = lin(f"layers.{i}.down", lambda: get(p + "mlp.down_proj.weight"), None)
         self.ln_attn = get(p + "input_layernorm.weight").to(dtype)
         self.ln_mlp = get(p + "post_attention_layernorm.weight").to(dtype)
+        self.block: Int4Block | None = None  # the fused decode step of an int4 layer (fuse_int4)
 
     def linears(self, i: int) -> dict[str, Any]:
         return {f"layers.{i}.{n}": getattr(self, n) for n in ("qkv", "o", "gate_up", "down")}
@@ -245,6 +247,13 @@ class Decoder:
             return
         _, i, attr = name.split(".")
         setattr(self.layers[int(i)], attr, linear)
+        self.layers[int(i)].block = None  # its linears changed: fuse_int4 decides again
+
+    def fuse_int4(self) -> None:
+        """Give every layer whose linears are all int4 its fused decode step (:class:`Int4Block`)."""
+        c = self.cfg
+        for layer in self.layers:
+            layer.block = Int4Block.of(layer, c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps)
 
     def new_cache(self, max_len: int, max_branches: int = 4, max_branch_len: int = 32) -> KVCache:
         c = self.cfg
@@ -290,16 +299,26 @@ class Decoder:
         h = self.embed[tokens.to(self.device)]  # [rows, t, H]
         want = {i % (c.num_layers + 1) for i in hidden_layers}
         kept = [h] if 0 in want else []
+        fused = Int4Block.ENABLED and rows * t <= Int4Block.MAX_ROWS  # an int4 draft's decode step
         for i, layer in enumerate(self.layers):
-            a = rms_norm(h, layer.ln_attn, c.rms_norm_eps)
-            qkv = layer.qkv(a).view(rows, t, hq + 2 * hkv, d).transpose(1, 2)  # [rows, Hq + 2 Hkv, t, D]
-            q, k = rope(qkv[:, : hq + hkv], cos, sin).split([hq, hkv], 1)  # q and k rotated in one go
+            block = layer.block if fused else None
+            if block is not None:  # the same layer in two foreign calls around attention (models/fused.py)
+                qkv = block.attn_in(h, cos, sin).view(rows, t, hq + 2 * hkv, d).transpose(1, 2)  # q, k rotated
+                q, k = qkv[:, :hq], qkv[:, hq : hq + hkv]
+            else:
+                a = rms_norm(h, layer.ln_attn, c.rms_norm_eps)
+                qkv = layer.qkv(a).view(rows, t, hq + 2 * hkv, d).transpose(1, 2)  # [rows, Hq + 2 Hkv, t, D]
+                q, k = rope(qkv[:, : hq + hkv], cos, sin).split([hq, hkv], 1)  # q and k rotated in one go
             v = qkv[:, hq + hkv :]  # [rows, Hkv, t, D]
             o = attend(q, cache.write(i, k, v), self.scale)  # [rows, Hq, t, D]
-            h = h + layer.o(o.transpose(1, 2).reshape(rows, t, hq * d))
-            m = rms_norm(h, layer.ln_mlp, c.rms_norm_eps)
-            gate, up = layer.gate_up(m).chunk(2, dim=-1)  # [rows, t, I] each
-            h = h + layer.down(F.silu(gate) * up)
+            o = o.transpose(1, 2).reshape(rows, t, hq * d)  # heads side by side again
+            if block is not None:
+                h = block.attn_out(h, o)
+            else:
+                h = h + layer.o(o)
+                m = rms_norm(h, layer.ln_mlp, c.rms_norm_eps)
+                gate, up = layer.gate_up(m).chunk(2, dim=-1)  # [rows, t, I] each
+                h = h + layer.down(F.silu(gate) * up)
             if i + 1 in want:
                 kept.append(h)
         x = h[:, -1:] if last_only else h

@@ -99,6 +99,7 @@ def to_int4(decoder: Decoder, path: Path) -> Decoder:
             made[name] = Int4Linear.from_int8(linear)
     for name, linear in made.items():
         decoder.set_linear(name, linear)
+    decoder.fuse_int4()
     decoder.precision = "int4"
     if stored is None and made:
         _save({t: getattr(lin, a) for n, lin in made.items() for t, a in ((n + ".packed", "packed"), (n + ".scales", "scales"))}, path)
