@@ -140,6 +140,12 @@ class KVCache:
         v.narrow(2, end - t, t).copy_(v_new)
         return CacheView(k.narrow(2, 0, end), v.narrow(2, 0, end), None, None)
 
+    def layer_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s whole buffers: trunk keys, values ``[1, kv_heads, max_len, head_dim]`` and branch keys,
+        values ``[max_branches, kv_heads, max_branch_len, head_dim]`` (for a kernel that writes and reads them itself,
+        models/fused.py; the lengths say which entries are live)."""
+        return self._layers[layer]
+
     @staticmethod
     def _check_room(needed: int, room: int, what: str) -> None:
         if needed > room:

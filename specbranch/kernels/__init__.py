@@ -1,7 +1,7 @@
 """Native CPU kernels, compiled on first use.
 
 Small-batch linears: the int4 weight-only linear of the draft's decode steps (``q4.c``, AVX2; ``q4_layer.c`` runs
-the rest of an int4 draft layer's step around it: norms, rope, SwiGLU, residual adds) and the
+a whole int4 draft layer's step around it: norms, rope, KV cache writes, attention, SwiGLU) and the
 int8 linear of the target's decode steps and verifications, bit-identical to FBGEMM's (``q8.c``: AVX2
 code for 1-2 rows and AVX-512 VNNI code for 1-8, which ``isa.c`` picks at run time from the CPU; both
 give the same bits).
@@ -101,10 +101,8 @@ def library() -> ctypes.CDLL:
     lib.q4_linear_f32.argtypes = [p, i64, i64, p, p, p, i64, p]
     lib.q4_linear_f32.restype = ctypes.c_int
     f32 = ctypes.c_float
-    lib.q4_attn_in.argtypes = [p, i64, i64, p, f32, p, p, p, i64, p, p, i64, i64, i64, p]
-    lib.q4_attn_in.restype = ctypes.c_int
-    lib.q4_attn_out.argtypes = [p, p, i64, i64, i64, p, p, p, p, f32, p, p, i64, p, p, p]
-    lib.q4_attn_out.restype = ctypes.c_int
+    lib.q4_layer_step.argtypes = [p, p, i64, i64, p, p, p, p]  # struct pointers: ctypes.byref
+    lib.q4_layer_step.restype = ctypes.c_int
     lib.q8_linear_f32.argtypes = [p, i64, i64, p, p, p, f32, p, i64, p]
     lib.q8_linear_f32.restype = ctypes.c_int
     lib.q8_packed_size.argtypes = [i64, i64]

@@ -301,21 +301,15 @@ class Decoder:
         kept = [h] if 0 in want else []
         fused = Int4Block.ENABLED and rows * t <= Int4Block.MAX_ROWS  # an int4 draft's decode step
         for i, layer in enumerate(self.layers):
-            block = layer.block if fused else None
-            if block is not None:  # the same layer in two foreign calls around attention (models/fused.py)
-                qkv = block.attn_in(h, cos, sin).view(rows, t, hq + 2 * hkv, d).transpose(1, 2)  # q, k rotated
-                q, k = qkv[:, :hq], qkv[:, hq : hq + hkv]
+            if fused and layer.block is not None:
+                h = layer.block.step(h, cos, sin, cache, i)  # the whole layer in one foreign call (models/fused.py)
             else:
                 a = rms_norm(h, layer.ln_attn, c.rms_norm_eps)
                 qkv = layer.qkv(a).view(rows, t, hq + 2 * hkv, d).transpose(1, 2)  # [rows, Hq + 2 Hkv, t, D]
                 q, k = rope(qkv[:, : hq + hkv], cos, sin).split([hq, hkv], 1)  # q and k rotated in one go
-            v = qkv[:, hq + hkv :]  # [rows, Hkv, t, D]
-            o = attend(q, cache.write(i, k, v), self.scale)  # [rows, Hq, t, D]
-            o = o.transpose(1, 2).reshape(rows, t, hq * d)  # heads side by side again
-            if block is not None:
-                h = block.attn_out(h, o)
-            else:
-                h = h + layer.o(o)
+                v = qkv[:, hq + hkv :]  # [rows, Hkv, t, D]
+                o = attend(q, cache.write(i, k, v), self.scale)  # [rows, Hq, t, D]
+                h = h + layer.o(o.transpose(1, 2).reshape(rows, t, hq * d))
                 m = rms_norm(h, layer.ln_mlp, c.rms_norm_eps)
                 gate, up = layer.gate_up(m).chunk(2, dim=-1)  # [rows, t, I] each
                 h = h + layer.down(F.silu(gate) * up)
