@@ -97,10 +97,9 @@ def library() -> ctypes.CDLL:
         finally:
             Path(tmp).unlink(missing_ok=True)
     lib = ctypes.CDLL(str(out))
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.q4_linear_f32.argtypes = [p, i64, i64, p, p, p, i64, p]
     lib.q4_linear_f32.restype = ctypes.c_int
-    f32 = ctypes.c_float
     lib.q4_layer_step.argtypes = [p, p, i64, i64, p, p, p, p]  # struct pointers: ctypes.byref
     lib.q4_layer_step.restype = ctypes.c_int
     lib.q8_linear_f32.argtypes = [p, i64, i64, p, p, p, f32, p, i64, p]
