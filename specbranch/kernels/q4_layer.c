@@ -158,12 +158,13 @@ int q4_layer_step(const q4_layer *L, const float *h, int64_t rows, int64_t t, co
         err = q4_linear_f32(n, M, H, L->w_gu, L->d_gu, NULL, 2 * I, gu);
     }
     if (!err) {
+        /* silu(gate) * up as [M, I] at the front of gu: element (m, k) goes to m * I + k, at or before every gate
+         * and up still to be read, so writing in order overwrites nothing unread */
         for (int64_t m = 0; m < M; ++m)
             for (int64_t k = 0; k < I; ++k) {
                 const float gate = gu[m * 2 * I + k], up = gu[m * 2 * I + I + k];
-                gu[m * 2 * I + k] = gate / (1.f + expf(-gate)) * up; /* silu(gate) * up, into gate's place */
+                gu[m * I + k] = gate / (1.f + expf(-gate)) * up;
             }
-        for (int64_t m = 1; m < M; ++m) memmove(gu + m * I, gu + m * 2 * I, (size_t)I * sizeof(float)); /* [M, I] */
         err = q4_linear_f32(gu, M, I, L->w_d, L->d_d, NULL, H, out);
     }
     if (!err)
