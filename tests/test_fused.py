@@ -36,14 +36,20 @@ def int4_decoder(tmp_path, model_type="qwen2", **overrides):
     return to_int4(decoder, tmp_path / "int4.safetensors")
 
 
+@pytest.fixture
+def step_calls(monkeypatch) -> list[tuple[int, int]]:
+    """``(rows, t)`` of every fused layer step taken during the test, in order."""
+    calls = []
+    fused_step = Int4Block.step
+    monkeypatch.setattr(Int4Block, "step", lambda self, h, *a: calls.append(tuple(h.shape[:2])) or fused_step(self, h, *a))
+    return calls
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])  # q/k/v biases and none
-def test_fused_step_is_the_torch_layer(tmp_path, model_type, monkeypatch):
+def test_fused_step_is_the_torch_layer(tmp_path, model_type, step_calls):
     decoder = int4_decoder(tmp_path, model_type)
     assert all(layer.block is not None for layer in decoder.layers)
     backend = NativeBackend(decoder, max_len=64)
-    calls = []
-    fused_step = Int4Block.step
-    monkeypatch.setattr(Int4Block, "step", lambda self, h, *a: calls.append(h.shape[:2]) or fused_step(self, h, *a))
 
     def steps():
         """Logits of a 7-token prompt (the torch path either way: 7 rows), a 1-token step, a 2-token step, and two
@@ -59,10 +65,10 @@ def test_fused_step_is_the_torch_layer(tmp_path, model_type, monkeypatch):
 
     fused = steps()
     layers = len(decoder.layers)
-    assert calls == [(1, 1)] * layers + [(1, 2)] * layers + [(3, 1)] * (2 * layers)  # every step but the prompt
+    assert step_calls == [(1, 1)] * layers + [(1, 2)] * layers + [(3, 1)] * (2 * layers)  # every step but the prompt
     with torch_path():
         plain = steps()
-    assert len(calls) == 4 * layers
+    assert len(step_calls) == 4 * layers
     assert torch.equal(fused[0], plain[0])  # the prompt is not a fused step
     for got, want in zip(fused[1:], plain[1:]):
         assert got.shape == want.shape
@@ -102,18 +108,15 @@ def test_fused_step_is_batch_position_and_thread_invariant(tmp_path):
     assert torch.equal(both, torch.cat(singles, dim=1))
 
 
-def test_fused_step_applies_only_to_int4_layers_and_small_steps(tmp_path, monkeypatch):
+def test_fused_step_applies_only_to_int4_layers_and_small_steps(tmp_path, step_calls):
     decoder = int4_decoder(tmp_path, intermediate_size=96)  # down is 96 wide: stays int8, so nothing fuses
     assert all(layer.block is None for layer in decoder.layers)
     (tmp_path / "b").mkdir()
     decoder = int4_decoder(tmp_path / "b")
-    calls = []
-    fused_step = Int4Block.step
-    monkeypatch.setattr(Int4Block, "step", lambda self, h, *a: calls.append(h.shape) or fused_step(self, h, *a))
     backend = NativeBackend(decoder, max_len=64)
     backend.forward(torch.tensor([[1] * (Int4Block.MAX_ROWS + 1)]))  # more rows than the kernel takes
     backend.forward(torch.tensor([[1] * Int4Block.MAX_ROWS]))
-    assert calls == [(1, Int4Block.MAX_ROWS, decoder.cfg.hidden_size)] * len(decoder.layers)
+    assert step_calls == [(1, Int4Block.MAX_ROWS)] * len(decoder.layers)
     block = decoder.layers[0].block
     decoder.set_linear("layers.1.qkv", decoder.layers[1].qkv.base)  # a layer whose linears change decides again
     assert decoder.layers[1].block is None and decoder.layers[0].block is block
