@@ -37,11 +37,11 @@ def int4_decoder(tmp_path, model_type="qwen2", **overrides):
 
 
 @pytest.fixture
-def step_calls(monkeypatch) -> list[tuple[int, int]]:
-    """``(rows, t)`` of every fused layer step taken during the test, in order."""
+def step_calls(monkeypatch) -> list[tuple[int, int, int]]:
+    """The input shape ``(rows, t, H)`` of every fused layer step taken during the test, in order."""
     calls = []
     fused_step = Int4Block.step
-    monkeypatch.setattr(Int4Block, "step", lambda self, h, *a: calls.append(tuple(h.shape[:2])) or fused_step(self, h, *a))
+    monkeypatch.setattr(Int4Block, "step", lambda self, h, *a: calls.append(tuple(h.shape)) or fused_step(self, h, *a))
     return calls
 
 
@@ -65,7 +65,8 @@ def test_fused_step_is_the_torch_layer(tmp_path, model_type, step_calls):
 
     fused = steps()
     layers = len(decoder.layers)
-    assert step_calls == [(1, 1)] * layers + [(1, 2)] * layers + [(3, 1)] * (2 * layers)  # every step but the prompt
+    shapes = [(rows, t, decoder.cfg.hidden_size) for rows, t in [(1, 1), (1, 2), (3, 1), (3, 1)]]
+    assert step_calls == [s for s in shapes for _ in range(layers)]  # every step but the prompt
     with torch_path():
         plain = steps()
     assert len(step_calls) == 4 * layers
@@ -116,7 +117,7 @@ def test_fused_step_applies_only_to_int4_layers_and_small_steps(tmp_path, step_c
     backend = NativeBackend(decoder, max_len=64)
     backend.forward(torch.tensor([[1] * (Int4Block.MAX_ROWS + 1)]))  # more rows than the kernel takes
     backend.forward(torch.tensor([[1] * Int4Block.MAX_ROWS]))
-    assert step_calls == [(1, Int4Block.MAX_ROWS)] * len(decoder.layers)
+    assert step_calls == [(1, Int4Block.MAX_ROWS, decoder.cfg.hidden_size)] * len(decoder.layers)
     block = decoder.layers[0].block
     decoder.set_linear("layers.1.qkv", decoder.layers[1].qkv.base)  # a layer whose linears change decides again
     assert decoder.layers[1].block is None and decoder.layers[0].block is block
