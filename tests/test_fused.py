@@ -1,5 +1,6 @@
-"""The int4 draft's fused decode step (models/fused.py, kernels/q4_layer.c): the same layer as the torch path
-to float rounding, row by row independent of its batch and thread count, and only where it applies."""
+"""The int4 draft's fused decode step (models/fused.py Int4Block, kernels/layer.c): the same layer as the unfused
+path (the same int4 linears one call each, the C ops of test_native_ops between them) to float rounding,
+row by row independent of its batch and thread count, and only where it applies."""
 
 from contextlib import contextmanager
 
@@ -18,8 +19,8 @@ pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"no native ke
 
 
 @contextmanager
-def torch_path():
-    """Decode steps through the torch ops instead of the fused kernels."""
+def unfused():
+    """Decode steps through the linears one by one instead of the fused layer."""
     Int4Block.ENABLED = False
     try:
         yield
@@ -46,13 +47,13 @@ def step_calls(monkeypatch) -> list[tuple[int, int, int]]:
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])  # q/k/v biases and none
-def test_fused_step_is_the_torch_layer(tmp_path, model_type, step_calls):
+def test_fused_step_is_the_unfused_layer(tmp_path, model_type, step_calls):
     decoder = int4_decoder(tmp_path, model_type)
     assert all(layer.block is not None for layer in decoder.layers)
     backend = NativeBackend(decoder, max_len=64)
 
     def steps():
-        """Logits of a 7-token prompt (the torch path either way: 7 rows), a 1-token step, a 2-token step, and two
+        """Logits of a 7-token prompt (unfused either way: 7 rows), a 1-token step, a 2-token step, and two
         steps of 3 branch rows (the second attends to each row's own first branch token)."""
         backend.reset()
         out = [backend.forward(torch.tensor([[5, 9, 2, 7, 1, 3, 8]])).logits]
@@ -67,7 +68,7 @@ def test_fused_step_is_the_torch_layer(tmp_path, model_type, step_calls):
     layers = len(decoder.layers)
     shapes = [(rows, t, decoder.cfg.hidden_size) for rows, t in [(1, 1), (1, 2), (3, 1), (3, 1)]]
     assert step_calls == [s for s in shapes for _ in range(layers)]  # every step but the prompt
-    with torch_path():
+    with unfused():
         plain = steps()
     assert len(step_calls) == 4 * layers
     assert torch.equal(fused[0], plain[0])  # the prompt is not a fused step

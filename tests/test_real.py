@@ -92,10 +92,11 @@ def test_int8_kernel_matches_fbgemm_on_the_real_target(prompts, monkeypatch):
     assert all(checked[m] == 2 * 113 for m in range(2, limit + 1)), checked
 
 
-def test_fused_int4_draft_steps_match_the_torch_path_on_the_real_draft(prompts):
-    """The int4 draft's decode steps run each layer in two fused C calls (models/fused.py); on the real draft's
-    activations (a prompt, then the target's 32 greedy tokens fed one by one, then a 3-branch step) they must give
-    the torch path's logits up to float rounding, so the draft proposes what it did before."""
+def test_fused_int4_draft_steps_match_the_unfused_path_on_the_real_draft(prompts):
+    """The int4 draft's decode steps run each layer in one fused C call (models/fused.py Int4Block); on the real
+    draft's activations (a prompt, then the target's 32 greedy tokens fed one by one, then a 3-branch step) they must
+    give the unfused path's logits (the same int4 linears, one call each) up to float rounding, so the draft proposes
+    what it would without the fusion."""
     from specbranch.backend import prefill
     from specbranch.models.fused import Int4Block
 

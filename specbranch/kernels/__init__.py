@@ -1,7 +1,8 @@
 """Native CPU kernels, compiled on first use.
 
-Small-batch linears: the int4 weight-only linear of the draft's decode steps (``q4.c``, AVX2; ``q4_layer.c`` runs
-a whole int4 draft layer's step around it: norms, rope, KV cache writes, attention, SwiGLU) and the
+A layer's work between its linears (``layer.c``: norms, rope, KV cache writes, attention, SwiGLU), for every
+float32 CPU forward; around the int4 linear it also runs a whole int4 draft layer's decode step.
+Small-batch linears: the int4 weight-only linear of the draft's decode steps (``q4.c``, AVX2) and the
 int8 linear of the target's decode steps and verifications, bit-identical to FBGEMM's (``q8.c``: AVX2
 code for 1-2 rows and AVX-512 VNNI code for 1-8, which ``isa.c`` picks at run time from the CPU; both
 give the same bits).
@@ -26,7 +27,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("isa.c", "q4.c", "q4_layer.c", "q8.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("isa.c", "layer.c", "q4.c", "q8.c"))
 # -ffp-contract=off: the compiler must not fuse a * b + c on its own. Each row-count specialization of the
 # kernel is scheduled differently, and a contraction in one but not another would make a row's result
 # depend on the batch it came in (caught by test_int4_linear_is_batch_and_thread_invariant).
@@ -102,6 +103,12 @@ def library() -> ctypes.CDLL:
     lib.q4_linear_f32.restype = ctypes.c_int
     lib.q4_layer_step.argtypes = [p, p, i64, i64, p, p, p, p]  # struct pointers: ctypes.byref
     lib.q4_layer_step.restype = ctypes.c_int
+    lib.layer_rms_norm.argtypes = [p, p, p, i64, i64, p, f32, p]
+    lib.layer_rms_norm.restype = None
+    lib.layer_attention.argtypes = [p, p, i64, i64, p, p, p, p]
+    lib.layer_attention.restype = None
+    lib.layer_silu_mul.argtypes = [p, i64, i64, p]
+    lib.layer_silu_mul.restype = None
     lib.q8_linear_f32.argtypes = [p, i64, i64, p, p, p, f32, p, i64, p]
     lib.q8_linear_f32.restype = ctypes.c_int
     lib.q8_packed_size.argtypes = [i64, i64]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import ModelError
 from ..kvcache import CacheView, KVCache
-from .fused import Int4Block
+from .fused import Int4Block, NativeOps
 from .linear import activation_dtype, make_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -176,8 +176,8 @@ class Layer:
             None,
         )
         self.down = lin(f"layers.{i}.down", lambda: get(p + "mlp.down_proj.weight"), None)
-        self.ln_attn = get(p + "input_layernorm.weight").to(dtype)
-        self.ln_mlp = get(p + "post_attention_layernorm.weight").to(dtype)
+        self.ln_attn = get(p + "input_layernorm.weight").to(dtype).contiguous()
+        self.ln_mlp = get(p + "post_attention_layernorm.weight").to(dtype).contiguous()
         self.block: Int4Block | None = None  # the fused decode step of an int4 layer (fuse_int4)
 
     def linears(self, i: int) -> dict[str, Any]:
@@ -204,13 +204,14 @@ class Decoder:
         self.dtype = activation_dtype(precision)
         self.embed = get("model.embed_tokens.weight").to(self.dtype)
         self.layers = [Layer(cfg, get, i, self.dtype, lin) for i in range(cfg.num_layers)]
-        self.norm = get("model.norm.weight").to(self.dtype)
+        self.norm = get("model.norm.weight").to(self.dtype).contiguous()
         head = (lambda: self.embed) if cfg.tie_word_embeddings else (lambda: get("lm_head.weight"))
         self.lm_head = lin("lm_head", head, None)
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self._rope_len = 0
         self._cos = self._signed_sin = torch.empty(0)
         self.device = torch.device("cpu")
+        self.native = NativeOps.of(cfg, self.dtype, self.device)  # the C path between the linears, or None
 
     def to(self, device: str | torch.device) -> "Decoder":
         """Move the weights to ``device`` (dense precisions only: the int8 kernel is FBGEMM's, CPU only)."""
@@ -231,6 +232,7 @@ class Decoder:
             self.lm_head.weight = self.embed
         self._rope_len = 0  # rebuilt on the new device
         self.device = device
+        self.native = NativeOps.of(self.cfg, self.dtype, device)
         return self
 
     def linears(self) -> dict[str, Any]:
@@ -251,9 +253,8 @@ class Decoder:
 
     def fuse_int4(self) -> None:
         """Give every layer whose linears are all int4 its fused decode step (:class:`Int4Block`)."""
-        c = self.cfg
         for layer in self.layers:
-            layer.block = Int4Block.of(layer, c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps)
+            layer.block = Int4Block.of(layer, self.cfg)
 
     def new_cache(self, max_len: int, max_branches: int = 4, max_branch_len: int = 32) -> KVCache:
         c = self.cfg
@@ -300,9 +301,14 @@ class Decoder:
         want = {i % (c.num_layers + 1) for i in hidden_layers}
         kept = [h] if 0 in want else []
         fused = Int4Block.ENABLED and rows * t <= Int4Block.MAX_ROWS  # an int4 draft's decode step
+        ops = self.native if NativeOps.ENABLED else None
         for i, layer in enumerate(self.layers):
             if fused and layer.block is not None:
                 h = layer.block.step(h, cos, sin, cache, i)  # the whole layer in one foreign call (models/fused.py)
+            elif ops is not None:  # float32 on the CPU: everything between the linears in C (models/fused.py)
+                qkv = layer.qkv(ops.norm(h, layer.ln_attn))  # [rows, t, (Hq + 2 Hkv) D]
+                h1, m = ops.norm(layer.o(ops.attention(qkv, cos, sin, cache, i)), layer.ln_mlp, res=h)
+                h = layer.down(ops.silu_mul(layer.gate_up(m))).add_(h1)
             else:
                 a = rms_norm(h, layer.ln_attn, c.rms_norm_eps)
                 qkv = layer.qkv(a).view(rows, t, hq + 2 * hkv, d).transpose(1, 2)  # [rows, Hq + 2 Hkv, t, D]
@@ -316,6 +322,7 @@ class Decoder:
             if i + 1 in want:
                 kept.append(h)
         x = h[:, -1:] if last_only else h
-        logits = self.lm_head(rms_norm(x, self.norm, c.rms_norm_eps))
+        x = rms_norm(x, self.norm, c.rms_norm_eps) if ops is None else ops.norm(x.contiguous(), self.norm)
+        logits = self.lm_head(x)
         hidden = torch.stack(kept) if kept else None
         return ForwardOutput(logits=logits, hidden=hidden)

@@ -1,0 +1,249 @@
+/* A decoder layer's work between its linears, in C: RMSNorm, rope, the KV cache writes, grouped-query
+ * attention and SwiGLU's silu(gate) * up. In torch these are about fifty small ops per layer, each costing
+ * microseconds whatever its size (and the torch path makes one attention call per query, to stay batch-invariant).
+ *
+ * Two users:
+ * - every float32 CPU forward (models/decoder.py) calls the layer_* functions between its four linears:
+ *     a = rms_norm(h) * ln_attn;  qkv = linear_qkv(a);  o = layer_attention(qkv)  (rope, cache writes, attention)
+ *     h1 = h + linear_o(o);  n = rms_norm(h1) * ln_mlp;  out = h1 + linear_down(silu(g) * u),  [g, u] = linear_gu(n)
+ *   The target's forwards decide what is emitted, so a token's numbers must not depend on how many tokens were
+ *   computed with it: verifying a block must give exactly what decoding it token by token gives. Here every row,
+ *   and every (token, head) of attention, is computed on its own in one fixed order by one thread, so its result
+ *   does not depend on the batch, the row count or the thread count. The summation orders are not torch's, so
+ *   this path is not bit-identical to the torch one: a model takes one or the other for all its forwards.
+ * - q4_layer_step runs a whole int4 draft layer, its int4 linears (q4.c) included, in one call: the draft's decode
+ *   steps are so small that the ten foreign calls of the path above would still cost more than the work.
+ *
+ * Vectors of 8 floats (AVX2); every length that is read 8 at a time (H, I, D) is a multiple of 8, which the
+ * Python side checks before it takes this path.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+int q4_linear_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *d, const float *bias,
+                  int64_t N, float *y); /* q4.c: -2 for a row count it has no code for, -1 out of memory */
+
+/* A layer's shape (models/fused.py LayerShape). */
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, inter; /* H, Hq, Hkv, D, I */
+    float eps, scale;                                 /* RMSNorm epsilon, 1/sqrt(D) */
+} layer_shape;
+
+/* An int4 layer's constants (built once per layer by models/fused.py; the weights as q4.c reads them). */
+typedef struct {
+    layer_shape s;
+    const float *ln_attn, *ln_mlp;                    /* [H] each */
+    const uint8_t *w_qkv; const float *d_qkv, *b_qkv; /* [(Hq + 2 Hkv) D, H], bias or NULL */
+    const uint8_t *w_o;   const float *d_o, *b_o;     /* [H, Hq D], bias or NULL */
+    const uint8_t *w_gu;  const float *d_gu;          /* gate then up stacked: [2I, H] */
+    const uint8_t *w_d;   const float *d_d;           /* down: [H, I] */
+} q4_layer;
+
+/* This step's view of the layer's KV cache (kvcache.py): the trunk [Hkv, max_len, D] holds trunk_len
+ * positions; when forked (branches > 0) each branch row r has [Hkv, max_branch_len, D] at
+ * branch + r * Hkv * max_branch_len * D holding branch_len positions. The step's t new tokens are the last t
+ * positions of the last segment: the trunk's when not forked, every row's branch when forked. */
+typedef struct {
+    float *k, *v, *bk, *bv;
+    int64_t max_len, trunk_len, max_branch_len, branch_len, branches;
+} kv_step;
+
+static inline float hsum_ps(__m256 v) { /* one fixed order */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float dot_ps(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t j = 0; j < n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+    return hsum_ps(acc);
+}
+
+static inline void axpy_ps(float a, const float *x, float *y, int64_t n) { /* y += a x */
+    const __m256 av = _mm256_set1_ps(a);
+    for (int64_t j = 0; j < n; j += 8)
+        _mm256_storeu_ps(y + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j)));
+}
+
+/* e^x for 8 floats (Cephes' expf: x = n ln2 + r, e^r by a degree-5 polynomial; a few ulp; 0 below e^-87,
+ * e^88 above 88). glibc's scalar expf was most of the time of silu over the MLP's thousands of values per token. */
+static inline __m256 exp_ps(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.3365478515625f), live = _mm256_cmp_ps(x, lo, _CMP_GE_OQ);
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), live);
+}
+
+/* out[m] = y[m] / sqrt(mean(y[m]^2) + eps) * w, the Qwen2 / Llama RMSNorm, for x [M, H] (H a multiple of 8) and
+ * y = x, or with res: y = x + res, also written to sum (which may be x): the residual add and the next norm in
+ * one pass. */
+static void rms_norm_rows(const float *x, const float *res, float *sum, int64_t M, int64_t H, const float *w,
+                          float eps, float *out) {
+    for (int64_t m = 0; m < M; ++m) {
+        const float *r = res ? sum + m * H : x + m * H;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t k = 0; k < H; k += 8) {
+            __m256 v = _mm256_loadu_ps(x + m * H + k);
+            if (res) {
+                v = _mm256_add_ps(v, _mm256_loadu_ps(res + m * H + k));
+                _mm256_storeu_ps(sum + m * H + k, v);
+            }
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        const __m256 inv = _mm256_set1_ps(1.f / sqrtf(hsum_ps(acc) / (float)H + eps));
+        for (int64_t k = 0; k < H; k += 8)
+            _mm256_storeu_ps(out + m * H + k,
+                             _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(r + k), inv), _mm256_loadu_ps(w + k)));
+    }
+}
+
+/* out [M, I] = silu(gate) * up for gu [M, 2I] (gate then up in each row). out may be gu itself: element (m, k)
+ * goes to m * I + k, at or before every gate and up still to be read, so writing in order overwrites nothing
+ * unread. */
+static void silu_mul_rows(const float *gu, int64_t M, int64_t I, float *out) {
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < I; k += 8) {
+            const __m256 g = _mm256_loadu_ps(gu + m * 2 * I + k), u = _mm256_loadu_ps(gu + m * 2 * I + I + k);
+            const __m256 sg = _mm256_div_ps(g, _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+            _mm256_storeu_ps(out + m * I + k, _mm256_mul_ps(sg, u));
+        }
+}
+
+/* Rotate q and k of every new token in place (rotate-half layout: x * cos + roll(x, D/2) * signed_sin, with
+ * cos / signed_sin [t, D] the step's positions, signed_sin's first half negated: decoder.rope), then copy its
+ * keys and values into the cache. qkv [rows * t, (Hq + 2 Hkv) D]. */
+static void rope_and_store(const layer_shape *S, float *qkv, int64_t rows, int64_t t, const float *cos,
+                           const float *sin, const kv_step *c) {
+    const int64_t D = S->head_dim, Hq = S->heads, Hkv = S->kv_heads, N = (Hq + 2 * Hkv) * D;
+    float tmp[D];
+    for (int64_t m = 0; m < rows * t; ++m) {
+        const int64_t r = m / t, i = m % t;
+        const float *cs = cos + i * D, *sn = sin + i * D;
+        for (int64_t head = 0; head < Hq + Hkv; ++head) {
+            float *x = qkv + m * N + head * D;
+            memcpy(tmp, x, sizeof tmp);
+            for (int64_t j = 0; j < D; ++j) x[j] = tmp[j] * cs[j] + tmp[(j + D / 2) % D] * sn[j];
+        }
+        for (int64_t j = 0; j < Hkv; ++j) {
+            float *k, *v;
+            if (c->branches) {
+                const int64_t at = ((r * Hkv + j) * c->max_branch_len + c->branch_len - t + i) * D;
+                k = c->bk + at, v = c->bv + at;
+            } else {
+                const int64_t at = (j * c->max_len + c->trunk_len - t + i) * D;
+                k = c->k + at, v = c->v + at;
+            }
+            memcpy(k, qkv + m * N + (Hq + j) * D, (size_t)D * sizeof(float));
+            memcpy(v, qkv + m * N + (Hq + Hkv + j) * D, (size_t)D * sizeof(float));
+        }
+    }
+}
+
+/* o [rows * t, Hq D]: every new token's query heads attend over what that token sees: when not forked the
+ * trunk up to and including itself; when forked the whole trunk plus its row's branch up to itself. Query
+ * head h reads kv head h / (Hq / Hkv) (grouped-query attention). One task per (token, head), each in one order. */
+static void attend(const layer_shape *S, const float *qkv, int64_t rows, int64_t t, const kv_step *c, float *o) {
+    const int64_t D = S->head_dim, Hq = S->heads, Hkv = S->kv_heads, N = (Hq + 2 * Hkv) * D, g = Hq / Hkv;
+#pragma omp parallel for schedule(static)
+    for (int64_t task = 0; task < rows * t * Hq; ++task) {
+        const int64_t m = task / Hq, head = task % Hq, r = m / t, i = m % t, j = head / g;
+        const float *q = qkv + m * N + head * D;
+        /* keys seen: nt from the trunk, nb from the branch row */
+        const int64_t nt = c->branches ? c->trunk_len : c->trunk_len - t + i + 1;
+        const int64_t nb = c->branches ? c->branch_len - t + i + 1 : 0;
+        const float *tk = c->k + j * c->max_len * D, *tv = c->v + j * c->max_len * D;
+        const float *bk = c->bk + (r * Hkv + j) * c->max_branch_len * D;
+        const float *bv = c->bv + (r * Hkv + j) * c->max_branch_len * D;
+        const int64_t n = nt + nb, n8 = (n + 7) & ~(int64_t)7;
+        float s[n8]; /* scores, padded to whole vectors: 16 KB for a 4096-position cache */
+        float *out = o + m * Hq * D + head * D;
+        float top = -INFINITY;
+        for (int64_t p = 0; p < n; ++p) {
+            s[p] = dot_ps(q, p < nt ? tk + p * D : bk + (p - nt) * D, D) * S->scale;
+            top = fmaxf(top, s[p]);
+        }
+        for (int64_t p = n; p < n8; ++p) s[p] = -INFINITY; /* e^-inf: 0 */
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t p = 0; p < n8; p += 8) {
+            const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + p), _mm256_set1_ps(top)));
+            _mm256_storeu_ps(s + p, e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        const float inv = 1.f / hsum_ps(acc);
+        memset(out, 0, (size_t)D * sizeof(float));
+        for (int64_t p = 0; p < n; ++p) axpy_ps(s[p] * inv, p < nt ? tv + p * D : bv + (p - nt) * D, out, D);
+    }
+}
+
+/* The float32 forward's calls between its linears (models/decoder.py). */
+
+void layer_rms_norm(const float *x, const float *res, float *sum, int64_t M, int64_t H, const float *w, float eps,
+                    float *out) {
+    rms_norm_rows(x, res, sum, M, H, w, eps, out);
+}
+
+/* qkv [rows * t, (Hq + 2 Hkv) D], straight from the qkv linear (rotated in place) -> o [rows * t, Hq D], with the
+ * step's keys and values written into the cache. */
+void layer_attention(const layer_shape *S, float *qkv, int64_t rows, int64_t t, const float *cos, const float *sin,
+                     const kv_step *c, float *o) {
+    rope_and_store(S, qkv, rows, t, cos, sin, c);
+    attend(S, qkv, rows, t, c, o);
+}
+
+void layer_silu_mul(const float *gu, int64_t M, int64_t I, float *out) { silu_mul_rows(gu, M, I, out); }
+
+/* The int4 draft's whole layer: h [rows * t, H] -> out [rows * t, H], writing the step's keys and values into the
+ * cache. Returns 0, -1 (out of memory) or -2 (a row count the int4 linear has no code for). */
+int q4_layer_step(const q4_layer *L, const float *h, int64_t rows, int64_t t, const float *cos, const float *sin,
+                  const kv_step *c, float *out) {
+    const layer_shape *S = &L->s;
+    const int64_t M = rows * t, H = S->hidden, D = S->head_dim, I = S->inter, A = S->heads * D;
+    const int64_t N = (S->heads + 2 * S->kv_heads) * D;
+    float *a = malloc((size_t)(M * H) * sizeof(float));       /* normed input, later h1 */
+    float *qkv = malloc((size_t)(M * N) * sizeof(float));
+    float *o = malloc((size_t)(M * A) * sizeof(float));       /* attention's output, heads side by side */
+    float *n = malloc((size_t)(M * H) * sizeof(float));       /* normed h1 */
+    float *gu = malloc((size_t)(M * 2 * I) * sizeof(float));  /* gate then up */
+    int err = a && qkv && o && n && gu ? 0 : -1;
+    if (!err) {
+        rms_norm_rows(h, NULL, NULL, M, H, L->ln_attn, S->eps, a);
+        err = q4_linear_f32(a, M, H, L->w_qkv, L->d_qkv, L->b_qkv, N, qkv);
+    }
+    if (!err) {
+        layer_attention(S, qkv, rows, t, cos, sin, c, o);
+        err = q4_linear_f32(o, M, A, L->w_o, L->d_o, L->b_o, H, a);
+    }
+    if (!err) {
+        rms_norm_rows(a, h, a, M, H, L->ln_mlp, S->eps, n); /* a = h1 = o + h, n = its norm */
+        err = q4_linear_f32(n, M, H, L->w_gu, L->d_gu, NULL, 2 * I, gu);
+    }
+    if (!err) {
+        silu_mul_rows(gu, M, I, gu);
+        err = q4_linear_f32(gu, M, I, L->w_d, L->d_d, NULL, H, out);
+    }
+    if (!err)
+        for (int64_t k = 0; k < M * H; ++k) out[k] += a[k];
+    free(a);
+    free(qkv);
+    free(o);
+    free(n);
+    free(gu);
+    return err;
+}
