@@ -46,16 +46,22 @@ def decoder(model, precision: str = "fp32") -> Decoder:
     return Decoder(DecoderConfig.from_hf(model.config.to_dict()), model.state_dict(), precision)
 
 
-@pytest.mark.parametrize("model_type", ["qwen2", "llama"])  # q/k/v biases and none
-def test_native_ops_are_the_torch_layer(model_type, attention_calls):
-    model = make_tiny_hf(model_type, seed=4)
+# head_dim 16, and 64: the C attention sums values 64 floats at a time in registers, other sizes a key at a time
+HEAD_DIM_64 = dict(hidden_size=256, num_attention_heads=4, intermediate_size=192)
+PROMPT = [(7 * i + 5) % 97 for i in range(40)]  # 40 keys: more than one block of 32 in the C attention
+
+
+@pytest.mark.parametrize("model_type,overrides", [("qwen2", {}), ("llama", {}), ("qwen2", HEAD_DIM_64)],
+                         ids=["qwen2", "llama", "head_dim_64"])  # q/k/v biases and none
+def test_native_ops_are_the_torch_layer(model_type, overrides, attention_calls):
+    model = make_tiny_hf(model_type, seed=4, **overrides)
     backend = NativeBackend(decoder(model), max_len=64)
 
     def steps():
         """Logits and hidden states of a prompt, a 1-token and a 2-token step, and two steps of 3 branch rows
         (the second attends to each row's own first branch token)."""
         backend.reset()
-        out = [backend.forward(torch.tensor([[5, 9, 2, 7, 1, 3, 8]]), hidden_layers=(1, -1))]
+        out = [backend.forward(torch.tensor([PROMPT]), hidden_layers=(1, -1))]
         out.append(backend.forward(torch.tensor([[4]]), hidden_layers=(1, -1)))
         out.append(backend.forward(torch.tensor([[6, 11]]), hidden_layers=(1, -1)))
         backend.fork(3)
@@ -65,7 +71,7 @@ def test_native_ops_are_the_torch_layer(model_type, attention_calls):
 
     native = steps()
     layers = model.config.num_hidden_layers
-    assert attention_calls == [s for s in [(1, 7), (1, 1), (1, 2), (3, 1), (3, 1)] for _ in range(layers)]
+    assert attention_calls == [s for s in [(1, 40), (1, 1), (1, 2), (3, 1), (3, 1)] for _ in range(layers)]
     with torch_path():
         plain = steps()
     assert len(attention_calls) == 5 * layers  # none in the torch path
@@ -76,12 +82,13 @@ def test_native_ops_are_the_torch_layer(model_type, attention_calls):
     assert not torch.equal(native[-1].logits[0], native[-1].logits[1])  # same token, each row saw its own branch
 
 
-def test_a_verified_block_is_bit_identical_to_decoding_it(attention_calls):
-    """int8, float32 activations: the target's precision. Logits of a block of 6 tokens equal those of the same
-    tokens one step each, bit for bit, on one thread and on two, through the int8 kernel and through FBGEMM; and a
-    branch row's step does not depend on the other branch rows."""
-    backend = NativeBackend(decoder(make_tiny_hf("qwen2", seed=4), "int8"), max_len=64)
-    prompt, block = [5, 9, 2, 7, 1, 3, 8], [4, 6, 11, 1, 2, 90]
+@pytest.mark.parametrize("overrides", [{}, HEAD_DIM_64], ids=["head_dim_16", "head_dim_64"])
+def test_a_verified_block_is_bit_identical_to_decoding_it(overrides, attention_calls):
+    """int8, float32 activations: the target's precision. Logits of a block of 6 tokens (more than the C attention's
+    4 per task) equal those of the same tokens one step each, bit for bit, on one thread and on two, through the int8
+    kernel and through FBGEMM; and a branch row's step does not depend on the other branch rows."""
+    backend = NativeBackend(decoder(make_tiny_hf("qwen2", seed=4, **overrides), "int8"), max_len=64)
+    prompt, block = PROMPT[:30], [4, 6, 11, 1, 2, 90]  # the block crosses key 32
 
     def one_by_one(_=None) -> torch.Tensor:
         backend.reset()

@@ -28,6 +28,7 @@ import tempfile
 from pathlib import Path
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("isa.c", "layer.c", "q4.c", "q8.c"))
+HEADERS = (Path(__file__).with_name("simd.h"),)  # hashed with the sources: a change rebuilds
 # -ffp-contract=off: the compiler must not fuse a * b + c on its own. Each row-count specialization of the
 # kernel is scheduled differently, and a contraction in one but not another would make a row's result
 # depend on the batch it came in (caught by test_int4_linear_is_batch_and_thread_invariant).
@@ -80,7 +81,7 @@ def library() -> ctypes.CDLL:
     if cc is None:
         raise KernelUnavailable("the native kernels are compiled on first use and no C compiler was found: "
                                 "install gcc (e.g. apt-get install gcc) or set $CC")
-    src = b"".join(path.read_bytes() for path in SOURCES)
+    src = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
     key = hashlib.sha256(src + " ".join(FLAGS).encode()).hexdigest()[:16]
     out = _build_dir() / f"kernels-{key}.so"
     if not out.is_file():
@@ -106,7 +107,7 @@ def library() -> ctypes.CDLL:
     lib.layer_rms_norm.argtypes = [p, p, p, i64, i64, p, f32, p]
     lib.layer_rms_norm.restype = None
     lib.layer_attention.argtypes = [p, p, i64, i64, p, p, p, p]
-    lib.layer_attention.restype = None
+    lib.layer_attention.restype = ctypes.c_int
     lib.layer_silu_mul.argtypes = [p, i64, i64, p]
     lib.layer_silu_mul.restype = None
     lib.q8_linear_f32.argtypes = [p, i64, i64, p, p, p, f32, p, i64, p]

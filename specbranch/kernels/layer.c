@@ -23,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h"
+
 int q4_linear_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *d, const float *bias,
                   int64_t N, float *y); /* q4.c: -2 for a row count it has no code for, -1 out of memory */
 
@@ -51,17 +53,18 @@ typedef struct {
     int64_t max_len, trunk_len, max_branch_len, branch_len, branches;
 } kv_step;
 
-static inline float hsum_ps(__m256 v) { /* one fixed order */
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline float dot_ps(const float *a, const float *b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t j = 0; j < n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
-    return hsum_ps(acc);
+/* d[e] = q . key[e] for 4 keys of length n (a multiple of 8). Each is summed in one order (8 lanes along n, then
+ * hsum_ps), whichever keys come with it; four at once because one alone is a chain of dependent fmadds. */
+static inline void dot4_ps(const float *q, const float *const key[4], int64_t n, float d[4]) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + j);
+        a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(key[0] + j), a0);
+        a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(key[1] + j), a1);
+        a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(key[2] + j), a2);
+        a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(key[3] + j), a3);
+    }
+    d[0] = hsum_ps(a0), d[1] = hsum_ps(a1), d[2] = hsum_ps(a2), d[3] = hsum_ps(a3);
 }
 
 static inline void axpy_ps(float a, const float *x, float *y, int64_t n) { /* y += a x */
@@ -156,40 +159,99 @@ static void rope_and_store(const layer_shape *S, float *qkv, int64_t rows, int64
     }
 }
 
+#define ATT_TOKENS 4 /* tokens per attention task: their query heads' outputs (4 x 7 x 128 floats at most) stay in L1 */
+#define ATT_KEYS 32  /* keys per block of the weighted sum of values */
+
 /* o [rows * t, Hq D]: every new token's query heads attend over what that token sees: when not forked the
  * trunk up to and including itself; when forked the whole trunk plus its row's branch up to itself. Query
- * head h reads kv head h / (Hq / Hkv) (grouped-query attention). One task per (token, head), each in one order. */
-static void attend(const layer_shape *S, const float *qkv, int64_t rows, int64_t t, const kv_step *c, float *o) {
+ * head h reads kv head h / (Hq / Hkv) (grouped-query attention).
+ *
+ * A task is one branch row, one kv head and up to ATT_TOKENS tokens: each key and value row is read once for all
+ * the task's g * tokens queries (a query-at-a-time loop read them g * t times, from L2: 8 ms of an 8-token target
+ * step). Each query's own arithmetic is unchanged by the grouping: its scores, max, exponentials and weighted sum
+ * are computed over its own keys in one order, so its result does not depend on t or on the other queries.
+ * Returns 0, or -1 if out of memory. */
+static int attend(const layer_shape *S, const float *qkv, int64_t rows, int64_t t, const kv_step *c, float *o) {
     const int64_t D = S->head_dim, Hq = S->heads, Hkv = S->kv_heads, N = (Hq + 2 * Hkv) * D, g = Hq / Hkv;
-#pragma omp parallel for schedule(static)
-    for (int64_t task = 0; task < rows * t * Hq; ++task) {
-        const int64_t m = task / Hq, head = task % Hq, r = m / t, i = m % t, j = head / g;
-        const float *q = qkv + m * N + head * D;
-        /* keys seen: nt from the trunk, nb from the branch row */
-        const int64_t nt = c->branches ? c->trunk_len : c->trunk_len - t + i + 1;
-        const int64_t nb = c->branches ? c->branch_len - t + i + 1 : 0;
+    const int64_t tiles = (t + ATT_TOKENS - 1) / ATT_TOKENS, tasks = rows * Hkv * tiles;
+    /* keys seen by the step's last token (the most); trunk keys come first, then (forked) the branch row's */
+    const int64_t most = c->branches ? c->trunk_len + c->branch_len : c->trunk_len;
+    const int64_t split = c->branches ? c->trunk_len : most, stride = (most + 7) & ~(int64_t)7;
+    int err = 0;
+#pragma omp parallel for schedule(static) reduction(| : err)
+    for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t r = task / (Hkv * tiles), j = task / tiles % Hkv, i0 = task % tiles * ATT_TOKENS;
+        const int64_t nq = (t - i0 < ATT_TOKENS ? t - i0 : ATT_TOKENS) * g; /* query a: token i0 + a / g, head a % g */
         const float *tk = c->k + j * c->max_len * D, *tv = c->v + j * c->max_len * D;
         const float *bk = c->bk + (r * Hkv + j) * c->max_branch_len * D;
         const float *bv = c->bv + (r * Hkv + j) * c->max_branch_len * D;
-        const int64_t n = nt + nb, n8 = (n + 7) & ~(int64_t)7;
-        float s[n8]; /* scores, padded to whole vectors: 16 KB for a 4096-position cache */
-        float *out = o + m * Hq * D + head * D;
-        float top = -INFINITY;
-        for (int64_t p = 0; p < n; ++p) {
-            s[p] = dot_ps(q, p < nt ? tk + p * D : bk + (p - nt) * D, D) * S->scale;
-            top = fmaxf(top, s[p]);
+        float *s = malloc((size_t)(nq * stride) * sizeof(float)); /* scores [nq, stride], padded to whole vectors */
+        if (!s) {
+            err = 1;
+            continue;
         }
-        for (int64_t p = n; p < n8; ++p) s[p] = -INFINITY; /* e^-inf: 0 */
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t p = 0; p < n8; p += 8) {
-            const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(s + p), _mm256_set1_ps(top)));
-            _mm256_storeu_ps(s + p, e);
-            acc = _mm256_add_ps(acc, e);
+        const float *q[nq];
+        float *out[nq], inv[nq];
+        int64_t n[nq]; /* keys query a sees */
+        for (int64_t a = 0; a < nq; ++a) {
+            const int64_t i = i0 + a / g, m = r * t + i, head = j * g + a % g;
+            q[a] = qkv + m * N + head * D;
+            out[a] = o + m * Hq * D + head * D;
+            n[a] = most - t + i + 1;
         }
-        const float inv = 1.f / hsum_ps(acc);
-        memset(out, 0, (size_t)D * sizeof(float));
-        for (int64_t p = 0; p < n; ++p) axpy_ps(s[p] * inv, p < nt ? tv + p * D : bv + (p - nt) * D, out, D);
+        const int64_t last = n[nq - 1];
+        for (int64_t p = 0; p < last; p += 4) { /* keys p .. p + 3 (past the last: repeats of it, not stored) */
+            const float *key[4];
+            for (int64_t e = 0; e < 4; ++e) {
+                const int64_t at = p + e < last ? p + e : last - 1;
+                key[e] = at < split ? tk + at * D : bk + (at - split) * D;
+            }
+            for (int64_t a = 0; a < nq; ++a) {
+                if (p >= n[a]) continue;
+                float d[4];
+                dot4_ps(q[a], key, D, d);
+                for (int64_t e = 0; e < 4 && p + e < n[a]; ++e) s[a * stride + p + e] = d[e] * S->scale;
+            }
+        }
+        for (int64_t a = 0; a < nq; ++a) {
+            float *sa = s + a * stride;
+            const int64_t n8 = (n[a] + 7) & ~(int64_t)7;
+            const float top = max_of(sa, n[a]);
+            for (int64_t p = n[a]; p < n8; ++p) sa[p] = -INFINITY; /* e^-inf: 0 */
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t p = 0; p < n8; p += 8) {
+                const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(sa + p), _mm256_set1_ps(top)));
+                _mm256_storeu_ps(sa + p, e);
+                acc = _mm256_add_ps(acc, e);
+            }
+            inv[a] = 1.f / hsum_ps(acc);
+            memset(out[a], 0, (size_t)D * sizeof(float));
+        }
+        /* out[a] += w * value for the keys in order, in blocks of ATT_KEYS keys (their values, 16 KB, stay in L1
+         * for all the queries) and 64 output floats (8 registers, stored once per block instead of once per key) */
+        for (int64_t p0 = 0; p0 < last; p0 += ATT_KEYS)
+            for (int64_t a = 0; a < nq; ++a) {
+                const int64_t end = p0 + ATT_KEYS < n[a] ? p0 + ATT_KEYS : n[a];
+                const float *sa = s + a * stride;
+                for (int64_t h = 0; h < D; h += 64) {
+                    if (D - h < 64) { /* a head_dim that is not a multiple of 64: one key at a time */
+                        for (int64_t p = p0; p < end; ++p)
+                            axpy_ps(sa[p] * inv[a], (p < split ? tv + p * D : bv + (p - split) * D) + h, out[a] + h, D - h);
+                        break;
+                    }
+                    __m256 acc[8];
+                    for (int k = 0; k < 8; ++k) acc[k] = _mm256_loadu_ps(out[a] + h + 8 * k);
+                    for (int64_t p = p0; p < end; ++p) {
+                        const __m256 w = _mm256_set1_ps(sa[p] * inv[a]);
+                        const float *val = (p < split ? tv + p * D : bv + (p - split) * D) + h;
+                        for (int k = 0; k < 8; ++k) acc[k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(val + 8 * k), acc[k]);
+                    }
+                    for (int k = 0; k < 8; ++k) _mm256_storeu_ps(out[a] + h + 8 * k, acc[k]);
+                }
+            }
+        free(s);
     }
+    return err ? -1 : 0;
 }
 
 /* The float32 forward's calls between its linears (models/decoder.py). */
@@ -200,11 +262,11 @@ void layer_rms_norm(const float *x, const float *res, float *sum, int64_t M, int
 }
 
 /* qkv [rows * t, (Hq + 2 Hkv) D], straight from the qkv linear (rotated in place) -> o [rows * t, Hq D], with the
- * step's keys and values written into the cache. */
-void layer_attention(const layer_shape *S, float *qkv, int64_t rows, int64_t t, const float *cos, const float *sin,
-                     const kv_step *c, float *o) {
+ * step's keys and values written into the cache. Returns 0, or -1 if out of memory. */
+int layer_attention(const layer_shape *S, float *qkv, int64_t rows, int64_t t, const float *cos, const float *sin,
+                    const kv_step *c, float *o) {
     rope_and_store(S, qkv, rows, t, cos, sin, c);
-    attend(S, qkv, rows, t, c, o);
+    return attend(S, qkv, rows, t, c, o);
 }
 
 void layer_silu_mul(const float *gu, int64_t M, int64_t I, float *out) { silu_mul_rows(gu, M, I, out); }
@@ -226,10 +288,8 @@ int q4_layer_step(const q4_layer *L, const float *h, int64_t rows, int64_t t, co
         rms_norm_rows(h, NULL, NULL, M, H, L->ln_attn, S->eps, a);
         err = q4_linear_f32(a, M, H, L->w_qkv, L->d_qkv, L->b_qkv, N, qkv);
     }
-    if (!err) {
-        layer_attention(S, qkv, rows, t, cos, sin, c, o);
-        err = q4_linear_f32(o, M, A, L->w_o, L->d_o, L->b_o, H, a);
-    }
+    if (!err) err = layer_attention(S, qkv, rows, t, cos, sin, c, o);
+    if (!err) err = q4_linear_f32(o, M, A, L->w_o, L->d_o, L->b_o, H, a);
     if (!err) {
         rms_norm_rows(a, h, a, M, H, L->ln_mlp, S->eps, n); /* a = h1 = o + h, n = its norm */
         err = q4_linear_f32(n, M, H, L->w_gu, L->d_gu, NULL, 2 * I, gu);

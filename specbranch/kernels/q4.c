@@ -19,24 +19,17 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "simd.h"
+
 #define GROUP 64
 #define MMAX 4 /* most activation rows per call (q4_linear_f32 checks) */
-
-
-static inline float hsum_ps(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* x [M, K] float -> xq [M, K] int8, xs [M] per-row scale, xsum [M, K/GROUP] group sums of xq. */
 static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xs, int32_t *xsum) {
     const int64_t G = K / GROUP;
     for (int64_t m = 0; m < M; ++m) {
         const float *r = x + m * K;
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; ++k) amax = fmaxf(amax, fabsf(r[k]));
+        const float amax = absmax(r, K);
         const float inv = amax > 0.f ? 127.f / amax : 0.f;
         xs[m] = amax / 127.f;
         for (int64_t g = 0; g < G; ++g) {

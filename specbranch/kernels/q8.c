@@ -38,6 +38,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "simd.h"
+
 #define Q8_MMAX 2       /* most activation rows per call on AVX2 (q8_linear_f32 checks) */
 #define Q8_VNNI_MMAX 8  /* ... and on AVX-512 VNNI */
 #define Q8_ZERO 64 /* activation offset: u = q + 64 */
@@ -91,8 +93,7 @@ void q8_pack(const int8_t *w, int64_t N, int64_t K, int64_t ldw, int8_t *out, in
 static void q8_quantize_rows(const float *x, int64_t M, int64_t K, int64_t Kp, float inv, uint8_t *u, float *s) {
     for (int64_t m = 0; m < M; ++m) {
         const float *r = x + m * K;
-        float amax = 0.f;
-        for (int64_t k = 0; k < K; ++k) amax = fmaxf(amax, fabsf(r[k]));
+        const float amax = absmax(r, K);
         const float sm = amax > 1e-30f ? amax : 1e-30f;
         s[m] = sm;
         for (int64_t k = 0; k < K; ++k) {

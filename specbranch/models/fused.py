@@ -104,8 +104,9 @@ class NativeOps:
         rows, t, _ = qkv.shape
         o = qkv.new_empty(rows, t, self.shape.heads * self.shape.head_dim)
         where = CacheStep.of(cache, i)
-        self.lib.layer_attention(ctypes.byref(self.shape), qkv.data_ptr(), rows, t, cos.data_ptr(), sin.data_ptr(),
-                                 ctypes.byref(where), o.data_ptr())
+        if self.lib.layer_attention(ctypes.byref(self.shape), qkv.data_ptr(), rows, t, cos.data_ptr(), sin.data_ptr(),
+                                    ctypes.byref(where), o.data_ptr()):
+            raise MemoryError(f"attention: no memory for the scores of {rows}x{t} tokens over {cache.total_length} keys")
         return o
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,45 @@
+/* AVX2 helpers shared by the kernels. Each reduces in one fixed order, so a result never depends on which
+ * kernel or thread computed it. (The build hashes this header with the .c files: kernels/__init__.py.) */
+#ifndef SPECBRANCH_SIMD_H
+#define SPECBRANCH_SIMD_H
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline float hmax_ps(__m256 v) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_max_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* max(x[0..n)), or -inf for n = 0. Exact in any order (a max does not round); written out because gcc calls
+ * libm's fmaxf once per element here, which cost ~1 ms per target token in the int8 kernel's absmax. */
+static inline float max_of(const float *x, int64_t n) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + k));
+    float top = hmax_ps(m);
+    for (; k < n; ++k) top = x[k] > top ? x[k] : top;
+    return top;
+}
+
+/* max |x[k]| over k < n (0 for n = 0). */
+static inline float absmax(const float *x, int64_t n) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 m = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+    float top = hmax_ps(m);
+    for (; k < n; ++k) top = fabsf(x[k]) > top ? fabsf(x[k]) : top;
+    return top;
+}
+
+#endif
