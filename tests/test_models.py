@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -157,3 +159,21 @@ def test_verifying_a_block_is_bit_identical_to_decoding_it():
     together = dec.forward(toks[:, 20:], block).logits[0]  # [7, V]
     alone = torch.cat([dec.forward(toks[:, i : i + 1], steps).logits[0] for i in range(20, 27)])
     assert torch.equal(together, alone)
+
+
+def test_loading_reads_the_embedding_table_ahead(tiny_folder, monkeypatch):
+    """The embedding table is used from the file's memory map; loading starts a background read of exactly its bytes
+    (so each new token's first lookup does not wait for the disk)."""
+    from specbranch.models import loader
+
+    _, folder, _ = tiny_folder
+    reads = []
+    monkeypatch.setattr(loader, "_read_range", lambda path, start, end: reads.append((path, start, end)))
+    decoder = load_decoder(folder, "fp32")
+    for thread in threading.enumerate():
+        if thread.name.startswith("read-ahead"):
+            thread.join()
+    [(path, start, end)] = reads
+    assert path.read_bytes()[start:end] == decoder.embed.numpy().tobytes()
+    loader.LazyWeights(folder).read_ahead("no.such.tensor")  # a name not in the checkpoint: nothing to read
+    assert len(reads) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class LazyWeights:
             raise ModelError(f"no *.safetensors weights in {folder}")
         self._handles = [safe_open(str(f), framework="pt") for f in files]
         self._where = {name: h for h in self._handles for name in h.keys()}
+        self._files = {name: f for f, h in zip(files, self._handles) for name in h.keys()}
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -43,6 +45,35 @@ class LazyWeights:
     def __call__(self, name: str) -> torch.Tensor | None:
         h = self._where.get(name)
         return None if h is None else h.get_tensor(name).float()
+
+    def read_ahead(self, name: str) -> None:
+        """Start reading tensor ``name``'s bytes in a background thread, so that the OS holds them in its page cache.
+
+        Why: a float32 tensor is used straight from the file's memory map, and the embedding table is read row by
+        row: each new token's first lookup waited for the disk (measured after a cache drop: p90 18 ms, up to 35 ms,
+        on the 1.5B target's 0.9 GB table), and in a benchmark the first engine to meet a token paid for every
+        engine. posix_fadvise(WILLNEED) reads ahead only a few hundred KB on Linux, hence the thread."""
+        path = self._files.get(name)
+        if path is None:
+            return
+        with open(path, "rb") as f:
+            header = int.from_bytes(f.read(8), "little")  # safetensors: u64 header size, JSON header, then the data
+            start, end = json.loads(f.read(header))[name]["data_offsets"]
+        threading.Thread(target=_read_range, args=(path, 8 + header + start, 8 + header + end), daemon=True,
+                         name=f"read-ahead {name}").start()
+
+
+def _read_range(path: Path, start: int, end: int, chunk: int = 4 << 20) -> None:
+    """Read bytes ``start .. end`` of ``path`` and drop them (the point is the page cache); errors are ignored: the
+    tensor is still read on demand."""
+    buf = bytearray(chunk)
+    try:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            while start < end and f.readinto(memoryview(buf)[: min(chunk, end - start)]):
+                start += chunk
+    except OSError:
+        pass
 
 
 def load_decoder(folder: str | Path, precision: str = "fp32", threads: int | None = None,
@@ -63,6 +94,7 @@ def load_decoder(folder: str | Path, precision: str = "fp32", threads: int | Non
     missing = [n for n in ("model.embed_tokens.weight", "model.norm.weight") if n not in weights]
     if missing:
         raise ModelError(f"{folder}: weights {missing} not found (is this a Llama/Qwen2 checkpoint?)")
+    weights.read_ahead("model.embed_tokens.weight")
     if precision != "int8":
         return Decoder(cfg, weights, precision)
     qfile = folder / INT8_FILE
