@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -127,3 +128,13 @@ def close_pair(tmp_path_factory):
     # one thread: tiny models gain nothing from more, and a busy 2-core machine makes a second
     # thread spin (the parallel runtime pins itself to one thread per worker anyway)
     return ModelConfig(target=str(root / "target"), draft=str(root / "draft"), precision="fp64", max_len=512, threads=1)
+
+
+@contextmanager
+def switched_off(cls):
+    """``cls.ENABLED = False`` for the block (a fast path's switch: models/fused.py), then on again."""
+    cls.ENABLED = False
+    try:
+        yield
+    finally:
+        cls.ENABLED = True

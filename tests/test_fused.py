@@ -2,8 +2,6 @@
 path (the same int4 linears one call each, the C ops of test_native_ops between them) to float rounding,
 row by row independent of its batch and thread count, and only where it applies."""
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 
@@ -12,20 +10,10 @@ from specbranch.kernels import unavailable
 from specbranch.models.decoder import Decoder, DecoderConfig
 from specbranch.models.fused import Int4Block
 
-from conftest import make_tiny_hf
+from conftest import make_tiny_hf, switched_off
 from test_linear import on_one_and_two_threads
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"no native kernels: {unavailable()}")
-
-
-@contextmanager
-def unfused():
-    """Decode steps through the linears one by one instead of the fused layer."""
-    Int4Block.ENABLED = False
-    try:
-        yield
-    finally:
-        Int4Block.ENABLED = True
 
 
 def int4_decoder(tmp_path, model_type="qwen2", **overrides):
@@ -68,7 +56,7 @@ def test_fused_step_is_the_unfused_layer(tmp_path, model_type, step_calls):
     layers = len(decoder.layers)
     shapes = [(rows, t, decoder.cfg.hidden_size) for rows, t in [(1, 1), (1, 2), (3, 1), (3, 1)]]
     assert step_calls == [s for s in shapes for _ in range(layers)]  # every step but the prompt
-    with unfused():
+    with switched_off(Int4Block):  # decode steps through the linears one by one
         plain = steps()
     assert len(step_calls) == 4 * layers
     assert torch.equal(fused[0], plain[0])  # the prompt is not a fused step

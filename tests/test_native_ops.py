@@ -2,8 +2,6 @@
 torch path to float rounding, and exactly batch- and thread-invariant, so that verifying a block gives the tokens
 decoding it one by one gives."""
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 
@@ -16,20 +14,10 @@ from specbranch.models.decoder import Decoder, DecoderConfig
 from specbranch.models.fused import NativeOps
 from specbranch.models.linear import Int8Linear
 
-from conftest import make_tiny_hf, perturbed
+from conftest import make_tiny_hf, perturbed, switched_off
 from test_linear import on_one_and_two_threads
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"no native kernels: {unavailable()}")
-
-
-@contextmanager
-def torch_path():
-    """Forwards through the torch ops instead of the C ones."""
-    NativeOps.ENABLED = False
-    try:
-        yield
-    finally:
-        NativeOps.ENABLED = True
 
 
 @pytest.fixture
@@ -72,7 +60,7 @@ def test_native_ops_are_the_torch_layer(model_type, overrides, attention_calls):
     native = steps()
     layers = model.config.num_hidden_layers
     assert attention_calls == [s for s in [(1, 40), (1, 1), (1, 2), (3, 1), (3, 1)] for _ in range(layers)]
-    with torch_path():
+    with switched_off(NativeOps):  # the torch ops instead of the C ones
         plain = steps()
     assert len(attention_calls) == 5 * layers  # none in the torch path
     for got, want in zip(native, plain):
