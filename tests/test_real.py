@@ -15,6 +15,8 @@ from specbranch.bench.datasets import load_prompts
 from specbranch.config import GenerationConfig, ModelConfig, SamplingConfig, SpeculationConfig
 from specbranch.pipeline import Pipeline
 
+from conftest import switched_off
+
 pytestmark = pytest.mark.real
 
 
@@ -106,17 +108,15 @@ def test_fused_int4_draft_steps_match_the_unfused_path_on_the_real_draft(prompts
     ids = pipe.encode(prompts[0])
     tokens = pipe.generate(prompts[0], GenerationConfig(max_new_tokens=32)).tokens
 
-    def steps(fused: bool) -> list[torch.Tensor]:
-        Int4Block.ENABLED = fused
-        try:
-            prefill(draft, ids)
-            out = [draft.forward(torch.tensor([[t]])).logits[0, -1] for t in tokens]
-            draft.fork(3)
-            return out + list(draft.forward(torch.tensor([[1], [2], [3]])).logits[:, -1])
-        finally:
-            Int4Block.ENABLED = True
+    def steps() -> list[torch.Tensor]:
+        prefill(draft, ids)
+        out = [draft.forward(torch.tensor([[t]])).logits[0, -1] for t in tokens]
+        draft.fork(3)
+        return out + list(draft.forward(torch.tensor([[1], [2], [3]])).logits[:, -1])
 
-    got, want = steps(True), steps(False)
+    got = steps()
+    with switched_off(Int4Block):
+        want = steps()
     for i, (g, w) in enumerate(zip(got, want)):
         kept = torch.isfinite(w)  # the draft's reduced head: -inf outside its vocabulary
         assert torch.equal(torch.isfinite(g), kept)

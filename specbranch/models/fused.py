@@ -31,6 +31,11 @@ from .linear import Int4Linear, _kernel_linear
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
+def fits_vectors(cfg) -> bool:
+    """Whether layer.c can run a layer of ``cfg``: it reads rows, MLP activations and heads 8 floats at a time."""
+    return not (cfg.hidden_size % 8 or cfg.intermediate_size % 8 or cfg.head_dim % 8)
+
+
 class LayerShape(ctypes.Structure):
     """``layer_shape`` in layer.c."""
 
@@ -78,10 +83,8 @@ class NativeOps:
 
     @classmethod
     def of(cls, cfg, dtype: torch.dtype, device: torch.device) -> "NativeOps | None":
-        if not cls.ENABLED or dtype != torch.float32 or device.type != "cpu":
+        if dtype != torch.float32 or device.type != "cpu" or not fits_vectors(cfg):
             return None
-        if cfg.hidden_size % 8 or cfg.intermediate_size % 8 or cfg.head_dim % 8:
-            return None  # the C code reads rows, MLP activations and heads 8 floats at a time
         lib = optional_library()
         return None if lib is None else cls(lib, cfg)
 
@@ -120,16 +123,15 @@ class Int4Block:
     :attr:`MAX_ROWS` tokens (rows x t); :meth:`of` gives None for any other layer."""
 
     MAX_ROWS = Int4Linear.MAX_ROWS
-    ENABLED = True  # tests set False to compare with the torch path
+    ENABLED = True  # tests set False to compare with the unfused path
 
     def __init__(self, layer, cfg) -> None:
         self.layer = layer  # keeps the weights, whose addresses the kernel holds, alive
         self.lib = layer.qkv.lib
-        self.ln = layer.ln_attn.float().contiguous(), layer.ln_mlp.float().contiguous()
         qkv, o, gu, down = layer.qkv, layer.o, layer.gate_up, layer.down
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        self.weights = LayerWeights(
-            LayerShape.of(cfg), ptr(self.ln[0]), ptr(self.ln[1]), ptr(qkv.packed), ptr(qkv.scales), ptr(qkv.bias),
+        self.weights = LayerWeights(  # the norm weights: float32 and contiguous (decoder.Layer)
+            LayerShape.of(cfg), ptr(layer.ln_attn), ptr(layer.ln_mlp), ptr(qkv.packed), ptr(qkv.scales), ptr(qkv.bias),
             ptr(o.packed), ptr(o.scales), ptr(o.bias), ptr(gu.packed), ptr(gu.scales), ptr(down.packed), ptr(down.scales))
 
     @classmethod
@@ -139,8 +141,8 @@ class Int4Block:
             return None
         if layer.gate_up.bias is not None or layer.down.bias is not None:
             return None  # the kernel has no MLP biases (Qwen2 and Llama have none)
-        if cfg.hidden_size % 8 or cfg.intermediate_size % 8 or cfg.head_dim % 8:
-            return None  # it reads rows, MLP activations and heads 8 floats at a time
+        if not fits_vectors(cfg):
+            return None
         return cls(layer, cfg)
 
     def step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, i: int) -> torch.Tensor:
