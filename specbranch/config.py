@@ -361,6 +361,12 @@ class RuntimeConfig:
     )
     target_threads: int = _help("parallel runtime: torch threads of the target worker (0 = one per pinned core)", default=0)
     draft_threads: int = _help("parallel runtime: torch threads of the draft worker (0 = one per pinned core)", default=0)
+    lend_draft_cores: bool = _help(
+        "parallel runtime on the CPU: while the draft worker waits for a verdict, a helper thread of the target "
+        "computes part of the target's int8 linears on the draft's cores (same tokens; off = each worker keeps "
+        "to its own cores)",
+        default=True,
+    )
     worker_timeout: float = _help(
         "parallel runtime: seconds to wait for the draft worker at a meeting point before declaring it hung "
         "(model loading at start-up is waited for while the worker lives, up to 10 minutes)",

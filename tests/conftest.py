@@ -131,6 +131,17 @@ def close_pair(tmp_path_factory):
 
 
 @contextmanager
+def torch_threads(n: int):
+    """torch (and the kernels' OpenMP) on ``n`` threads for the block, then as before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def switched_off(cls):
     """``cls.ENABLED = False`` for the block (a fast path's switch: models/fused.py), then on again."""
     cls.ENABLED = False

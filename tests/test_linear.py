@@ -5,6 +5,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
+from conftest import torch_threads
 from specbranch.models.linear import Int8Linear, make_linear
 
 
@@ -96,17 +97,13 @@ def test_int8_kernel_is_bit_identical_to_fbgemm(n, k, bias, kernel_isa):
 
 def on_one_and_two_threads(lin, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``lin(x)`` computed with one torch/OpenMP thread and with two."""
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = lin(x)
-        torch.set_num_threads(2)
+    with torch_threads(2):
         return one, lin(x)
-    finally:
-        torch.set_num_threads(threads)
 
 
-def test_int8_kernel_is_thread_invariant_and_refuses_large_batches(kernel_isa):
+def test_int8_kernel_is_thread_invariant_and_takes_prompts(kernel_isa):
     torch.manual_seed(3)
     lin = Int8Linear.from_float(torch.randn(257, 320) * 0.05, torch.randn(257))
     x = torch.randn(kernel_isa, 320)
@@ -114,10 +111,18 @@ def test_int8_kernel_is_thread_invariant_and_refuses_large_batches(kernel_isa):
     assert torch.equal(one, two) and torch.equal(one, torch.cat([lin(x[i : i + 1]) for i in range(kernel_isa)]))
     from specbranch.kernels import library
 
-    m = kernel_isa + 1  # the kernel itself refuses row counts it has no code for
-    y = torch.empty(m, 257)
-    assert library().q8_linear_f32(torch.randn(m, 320).data_ptr(), m, 320, lin.blocked.data_ptr(), lin.wsum.data_ptr(),
-                                   lin.mult.data_ptr(), lin.ACT_INV, None, 257, y.data_ptr()) == -2
+    # Beyond its group size the kernel makes several groups per pass and several passes of 64 rows (prompts on a
+    # lent core): still FBGEMM's bits, on one thread and two.
+    for m in (kernel_isa + 1, 64, 64 + kernel_isa + 3):
+        x = torch.randn(m, 320) * torch.logspace(-2, 2, m)[:, None]
+        want = fbgemm_only(lin, x)
+        for threads in (1, 2):
+            with torch_threads(threads):
+                y = torch.empty(m, 257)
+                assert library().q8_linear_f32(x.data_ptr(), m, 320, lin.blocked.data_ptr(), lin.wsum.data_ptr(),
+                                               lin.mult.data_ptr(), lin.ACT_INV, lin.bias.data_ptr(), 257,
+                                               y.data_ptr()) == 0
+                assert torch.equal(y, want), f"{m} rows on {threads} thread(s) differ from FBGEMM"
 
 
 def test_int8_kernel_gives_the_same_bits_with_avx2_and_vnni():

@@ -262,3 +262,25 @@ def test_hrad_drafting_is_the_same_in_both_runtimes(sequential, parallel, close_
     with pytest.raises(ConfigError, match="trained for target"):
         gen(sequential, PROMPTS[0], 5, "specbranch", SpeculationConfig(drafting="hybrid",
                                                                         hrad_predictor=str(tmp_path / "other")))
+
+
+def test_the_target_borrows_the_draft_core_at_int8(close_pair):
+    """At int8 (the kernels' precision) the target process lends itself the draft worker's core while the draft
+    waits (runtime/lending.py): the same tokens as ar in this process, and the shared page is removed on close.
+    Switched off, no helper is started."""
+    from dataclasses import replace
+
+    int8 = replace(close_pair, precision="int8")
+    want = {tuple(p): gen(Pipeline(int8, progress=False), p, 30, "ar").tokens for p in PROMPTS}
+    with Pipeline(int8, progress=False, runtime=RuntimeConfig(runtime="parallel", worker_timeout=20)) as pipe:
+        lender = pipe.worker.lender
+        if lender is None:
+            pytest.skip("lending is unavailable here (needs Linux, the native kernels and two cores)")
+        for prompt in PROMPTS:
+            for engine, spec in (("pearl", None), ("specbranch", SPECS[0])):
+                assert gen(pipe, prompt, 30, engine, spec).tokens == want[tuple(prompt)], (engine, prompt)
+    assert not os.path.exists(lender.path)
+    off = RuntimeConfig(runtime="parallel", worker_timeout=20, lend_draft_cores=False)
+    with Pipeline(int8, progress=False, runtime=off) as pipe:
+        assert pipe.worker.lender is None
+        assert gen(pipe, PROMPTS[0], 30, "pearl").tokens == want[tuple(PROMPTS[0])]

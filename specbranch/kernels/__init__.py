@@ -5,7 +5,8 @@ float32 CPU forward; around the int4 linear it also runs a whole int4 draft laye
 Small-batch linears: the int4 weight-only linear of the draft's decode steps (``q4.c``, AVX2) and the
 int8 linear of the target's decode steps and verifications, bit-identical to FBGEMM's (``q8.c``: AVX2
 code for 1-2 rows and AVX-512 VNNI code for 1-8, which ``isa.c`` picks at run time from the CPU; both
-give the same bits).
+give the same bits). While the parallel runtime's draft worker waits, a helper thread on its core takes
+chunks of the int8 linears (``lend.c``).
 
 The C sources ship with the package and are compiled once, into one library, with the system C
 compiler into the model cache (``$SPECBRANCH_CACHE/kernels``), keyed by a hash of the source and the
@@ -27,8 +28,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("isa.c", "layer.c", "q4.c", "q8.c"))
-HEADERS = (Path(__file__).with_name("simd.h"),)  # hashed with the sources: a change rebuilds
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("isa.c", "layer.c", "lend.c", "q4.c", "q8.c"))
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("lend.h", "simd.h"))  # hashed with the sources: a change rebuilds
 # -ffp-contract=off: the compiler must not fuse a * b + c on its own. Each row-count specialization of the
 # kernel is scheduled differently, and a contraction in one but not another would make a row's result
 # depend on the batch it came in (caught by test_int4_linear_is_batch_and_thread_invariant).
@@ -124,6 +125,15 @@ def library() -> ctypes.CDLL:
     lib.kernels_select_isa.restype = ctypes.c_int
     lib.kernels_vnni.argtypes = []
     lib.kernels_vnni.restype = ctypes.c_int
+    lib.lend_start.argtypes = [p, p, ctypes.c_int]
+    lib.lend_start.restype = p
+    for name in ("lend_stop", "lend_activate", "lend_offer", "lend_reclaim"):
+        getattr(lib, name).argtypes = [p]
+        getattr(lib, name).restype = None
+    lib.lend_active.argtypes = []
+    lib.lend_active.restype = ctypes.c_int
+    lib.lend_helped.argtypes = [p]
+    lib.lend_helped.restype = ctypes.c_uint64
     return lib
 
 

@@ -25,6 +25,7 @@
  * multiplies, not memory, are the limit, and FBGEMM is faster), and AVX-512 VNNI for 1-8 rows: one
  * dpbusd per 64 products instead of three instructions per 32, so up to 8 rows (the target's
  * verification of a drafted block) still stream the weights at memory speed. Both give the same bits.
+ * Larger calls (prompts, while a core is lent: lend.c) go over each block's weights in groups of that many rows.
  *
  * Weight layout ("blocked"): blocks of 4 output rows; inside a block, for each 32-column chunk, the
  * 4 rows' 32 bytes one after another: w_blk[N/4][K/32][4][32] (zero-padded to whole blocks and
@@ -38,10 +39,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "lend.h"
 #include "simd.h"
 
 #define Q8_MMAX 2       /* most activation rows per call on AVX2 (q8_linear_f32 checks) */
-#define Q8_VNNI_MMAX 8  /* ... and on AVX-512 VNNI */
+#define Q8_VNNI_MMAX 8  /* ... and on AVX-512 VNNI, per pass over a block's weights */
+#define Q8_PASS_ROWS 64 /* rows per pass over the weights (larger calls make several passes); a block's weights
+                          * are read from memory once per pass and from L1 for each group of up to 2/8 rows */
 #define Q8_ZERO 64 /* activation offset: u = q + 64 */
 #define Q8_NB 4    /* output rows per block */
 #define Q8_KC 32   /* columns per chunk */
@@ -198,15 +202,44 @@ static const q8_block_fn q8_vnni_blocks[Q8_VNNI_MMAX + 1] = {
 
 int kernels_vnni(void); /* isa.c */
 
-/* Most activation rows one call takes with the code in use. */
+/* Most activation rows the code in use computes against one read of a block's weights. Calls with more rows
+ * (prompts) are right too, but FBGEMM is faster at those except on a lent core (linear.py chooses). */
 int q8_max_rows(void) { return kernels_vnni() ? Q8_VNNI_MMAX : Q8_MMAX; }
 
-/* y [M, N] = the layer applied to x [M, K] for M in 1..q8_max_rows() (else -2; -1 if out of memory).
- * wb, wsum: from q8_pack; mult[n] = a * w_scale[n]; inv = 1 / a. The blocks are split over the
- * OpenMP threads, one contiguous run each. */
+/* One call's blocks, for lend_for (lend.c): the draft worker's idle core may take some of them. */
+typedef struct {
+    const q8_block_fn *blocks; /* by row count */
+    int64_t M, group;          /* rows; rows per pass over a block's weights (the block code's most) */
+    const uint8_t *u;
+    const float *s, *mult, *bias;
+    const int8_t *wb;
+    const int32_t *wsum;
+    int64_t C, N;
+    float *y;
+} q8_job;
+
+/* Blocks b0..b1-1 for all M rows: a block's weights (a few KB) are read from memory once and from L1/L2 for
+ * every further group of rows. */
+static void q8_run(void *ctx, int64_t b0, int64_t b1) {
+    const q8_job *j = ctx;
+    const int64_t Kp = j->C * Q8_KC;
+    for (int64_t b = b0; b < b1; ++b)
+        for (int64_t m = 0; m < j->M; m += j->group) {
+            const int64_t rows = j->M - m < j->group ? j->M - m : j->group;
+            j->blocks[rows](j->u + m * Kp, j->s + m, j->C, j->wb, j->wsum, j->mult, j->bias, j->N, b, j->y + m * j->N);
+        }
+}
+
+/* Blocks per chunk handed out under lending: about 64 KB of weights (tens of microseconds), small enough that
+ * the target seldom waits for the helper's last chunk, large enough that claiming costs little. */
+#define Q8_LEND_BYTES 65536
+
+/* y [M, N] = the layer applied to x [M, K] (M >= 1, else -2; -1 if out of memory). wb, wsum: from q8_pack;
+ * mult[n] = a * w_scale[n]; inv = 1 / a. Each pass of up to Q8_PASS_ROWS rows splits the blocks over the
+ * OpenMP threads, one contiguous run each, or hands them out in chunks when a core is lent (lend.c). */
 int q8_linear_f32(const float *x, int64_t M, int64_t K, const int8_t *wb, const int32_t *wsum, const float *mult,
                   float inv, const float *bias, int64_t N, float *y) {
-    if (M < 1 || M > q8_max_rows()) return -2;
+    if (M < 1) return -2;
     const int64_t C = q8_chunks(K), Kp = C * Q8_KC;
     uint8_t *u = malloc((size_t)(M * Kp));
     float *s = malloc((size_t)M * sizeof(float));
@@ -216,10 +249,16 @@ int q8_linear_f32(const float *x, int64_t M, int64_t K, const int8_t *wb, const 
         return -1;
     }
     q8_quantize_rows(x, M, K, Kp, inv, u, s);
-    const q8_block_fn block = kernels_vnni() ? q8_vnni_blocks[M] : q8_avx2_blocks[M];
+    const int vnni = kernels_vnni();
     const int64_t B = q8_blocks(N);
+    for (int64_t m = 0; m < M; m += Q8_PASS_ROWS) {
+        q8_job job = {vnni ? q8_vnni_blocks : q8_avx2_blocks, M - m < Q8_PASS_ROWS ? M - m : Q8_PASS_ROWS,
+                      vnni ? Q8_VNNI_MMAX : Q8_MMAX, u + m * Kp, s + m, mult, bias, wb, wsum, C, N, y + m * N};
+        if (!lend_for(B, Q8_LEND_BYTES / (Q8_NB * Kp) + 1, q8_run, &job)) {
 #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < B; ++b) block(u, s, C, wb, wsum, mult, bias, N, b, y);
+            for (int64_t b = 0; b < B; ++b) q8_run(&job, b, b + 1);
+        }
+    }
     free(u);
     free(s);
     return 0;

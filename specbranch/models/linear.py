@@ -63,9 +63,9 @@ class Int8Linear:
     ACT_SCALE = torch.tensor(2.0 / 127.0, dtype=torch.float32)
     ACT_INV = float(1.0 / ACT_SCALE)  # computed in float32, as FBGEMM does (63.5)
     # Calls of up to this many rows run the native kernel (kernels/q8.c): bit-identical results, weights streamed
-    # faster. The kernel itself takes 1-2 rows on AVX2 (decode steps: beyond that its multiplies, not memory, are
+    # faster. The kernel itself reads each weight once for 1-2 rows on AVX2 (decode steps: beyond that its multiplies, not memory, are
     # the limit and FBGEMM is faster) and 1-8 on AVX-512 VNNI (verifying a drafted block too); the rest (prompts)
-    # run FBGEMM. Tests set 0 to force FBGEMM.
+    # run FBGEMM, except while the draft worker's core is lent (runtime/lending.py). Tests set 0 to force FBGEMM.
     KERNEL_ROWS = 8
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -110,8 +110,10 @@ class Int8Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         limit = min(self.KERNEL_ROWS, _kernel_rows()) if self.use_kernel else 0
-        if 0 < rows <= limit and self.prepare_native().blocked is not None:
-            return self._native(x, rows, limit)
+        # Prompts (more rows) go to the kernel too while the draft worker lends its core: FBGEMM is about as fast
+        # on one core (0.86-1.0x measured at 64-160 rows), but only the kernel can share the work with the helper.
+        if 0 < rows and (rows <= limit or (limit and _core_lent())) and self.prepare_native().blocked is not None:
+            return self._native(x, rows)
         if self.packed is None:
             self.pack()
         shape = x.shape
@@ -137,11 +139,10 @@ class Int8Linear:
             self.blocked, self.wsum = blocked, wsum
         return self
 
-    def _native(self, x: torch.Tensor, rows: int, limit: int) -> torch.Tensor:
-        """The FBGEMM path's result, bit for bit, in one foreign call (see kernels/q8.c); ``limit``: the most rows
-        it is called with."""
+    def _native(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """The FBGEMM path's result, bit for bit, in one foreign call (see kernels/q8.c)."""
         lib, k, n = optional_library(), x.shape[-1], self.out_features
-        return _kernel_linear("int8", x, rows, n, limit, lambda x2, y: lib.q8_linear_f32(
+        return _kernel_linear("int8", x, rows, n, rows, lambda x2, y: lib.q8_linear_f32(
             x2, rows, k, self.blocked.data_ptr(), self.wsum.data_ptr(), self.mult.data_ptr(), self.ACT_INV,
             None if self.bias is None else self.bias.data_ptr(), n, y))
 
@@ -163,9 +164,17 @@ def _kernel_linear(kind: str, x: torch.Tensor, rows: int, n: int, max_rows: int,
 
 
 def _kernel_rows() -> int:
-    """Most rows the int8 kernel takes on this CPU (0 where it cannot run)."""
+    """Most rows the int8 kernel computes per read of the weights on this CPU (0 where it cannot run): calls of
+    up to this many rows (decode steps, verifications) always run the kernel."""
     lib = optional_library()
     return lib.q8_max_rows() if lib is not None else 0
+
+
+def _core_lent() -> bool:
+    """Whether this process now borrows the draft worker's core (runtime/lending.py) with the AVX-512 VNNI
+    code in use (the AVX2 code is far slower than FBGEMM on prompts)."""
+    lib = optional_library()
+    return lib is not None and bool(lib.lend_active()) and bool(lib.kernels_vnni())
 
 
 class Int4Linear:

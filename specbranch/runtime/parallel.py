@@ -67,7 +67,7 @@ class ParallelEngine(Engine):
         self.metrics, self.sampling, self.rng = metrics, sampling, rng
         self.fallback = False
         self.held: Verdict | None = None  # this round's verdict, sent when the next round starts
-        self._restore = apply_placement(self.placement)
+        self._restore = apply_placement(self.placement, self.worker.lender)
         try:
             self.worker.ensure_ready()
             self.worker.begin(StartRequest(self.name, list(prompt), sampling, self.spec))

@@ -58,9 +58,10 @@ def worker_placements(cfg: RuntimeConfig) -> tuple[Placement, Placement]:
     )
 
 
-def apply_placement(p: Placement) -> Callable[[], None]:
-    """Pin the calling thread (and the threads it starts later) to ``p.cores`` and set torch's
-    thread count; returns a function that restores both (safe to call more than once)."""
+def apply_placement(p: Placement, lender=None) -> Callable[[], None]:
+    """Pin the calling thread (and the threads it starts later) to ``p.cores``, set torch's thread
+    count and activate ``lender`` (a :class:`~.lending.CoreLender`: borrow the draft's cores while it
+    waits); returns a function that restores all three (safe to call more than once)."""
     can_pin = bool(p.cores) and hasattr(os, "sched_setaffinity")
     old_cores = os.sched_getaffinity(0) if can_pin else None
     old_threads = torch.get_num_threads()
@@ -68,6 +69,8 @@ def apply_placement(p: Placement) -> Callable[[], None]:
         os.sched_setaffinity(0, p.cores)
     if p.threads:
         torch.set_num_threads(p.threads)
+    if lender is not None:
+        lender.activate()
     done = False
 
     def restore() -> None:
@@ -75,6 +78,8 @@ def apply_placement(p: Placement) -> Callable[[], None]:
         if done:
             return
         done = True
+        if lender is not None:
+            lender.deactivate()
         if old_cores is not None:
             os.sched_setaffinity(0, old_cores)
         torch.set_num_threads(old_threads)

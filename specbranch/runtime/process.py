@@ -39,6 +39,7 @@ from .messages import (
     encode_verdict,
     make_group,
 )
+from .lending import CoreLender
 from .placement import Placement
 
 STARTUP_LIMIT_S = 600.0  # loading (first int8 quantization included) is waited for while the worker lives
@@ -53,11 +54,13 @@ class DraftWorker:
     proposal) or ``waiting`` (waits for a verdict or STOP).
     """
 
-    def __init__(self, folder: Path, models: ModelConfig, placement: Placement, timeout: float) -> None:
+    def __init__(self, folder: Path, models: ModelConfig, placement: Placement, timeout: float,
+                 lender: CoreLender | None = None) -> None:
         self.folder = Path(folder)
         self.models = models
         self.placement = placement
         self.timeout = timeout
+        self.lender = lender  # lends this worker's cores to the target while it waits (lending.py)
         self.proc: subprocess.Popen | None = None
         self.channel: Channel | None = None
         self.state = "down"
@@ -79,6 +82,7 @@ class DraftWorker:
             "cores": list(p.cores),
             "threads": p.threads,
             "startup_s": STARTUP_LIMIT_S,
+            "lend_page": self.lender.path if self.lender else None,
         }
         env = dict(os.environ)
         # The child must import this very package, wherever the caller imported it from.
@@ -137,6 +141,8 @@ class DraftWorker:
 
     def kill(self) -> None:
         """Stop the process now and reap it (no zombie, no orphan)."""
+        if self.lender is not None:
+            self.lender.reclaim()  # a worker that died waiting leaves the bit set
         proc, self.proc, self.channel, self.state = self.proc, None, None, "down"
         if proc is None:
             return
@@ -156,6 +162,8 @@ class DraftWorker:
             except (ChannelError, subprocess.TimeoutExpired, OSError):
                 pass
         self.kill()
+        if self.lender is not None:
+            self.lender.close()
 
     # -- the protocol --------------------------------------------------------------------------
     def begin(self, req: StartRequest) -> None:
@@ -189,6 +197,8 @@ class DraftWorker:
         return total
 
     def _send(self, msg: Message) -> None:
+        if self.lender is not None:
+            self.lender.reclaim()  # the message wakes the worker: its cores are its own again from here
         try:
             self.channel.send(msg)
         except ChannelError as e:

@@ -42,6 +42,7 @@ from .messages import (
     encode_proposal,
     make_group,
 )
+from .lending import CoreOffer
 from .placement import Placement, apply_placement
 
 def watch_parent() -> None:
@@ -55,7 +56,7 @@ def watch_parent() -> None:
             os._exit(0)
 
 
-def serve(channel: Channel, backend) -> None:
+def serve(channel: Channel, backend, offer: CoreOffer | None = None) -> None:
     """Answer generations until SHUTDOWN (or until the coordinator is gone)."""
     while True:
         msg = channel.recv(FOREVER)
@@ -64,13 +65,14 @@ def serve(channel: Channel, backend) -> None:
         if msg.kind == Kind.STOP:  # nothing running: just confirm
             channel.send(Message(Kind.DONE))
         elif msg.kind == Kind.START:
-            generation(channel, backend, msg)
+            generation(channel, backend, msg, offer)
         else:
             raise ChannelError(f"protocol error: {msg.kind.name} while idle")
 
 
-def generation(channel: Channel, backend, start: Message) -> None:
-    """One generation: draft, send the proposal, wait for the verdict, apply it, repeat until STOP."""
+def generation(channel: Channel, backend, start: Message, offer: CoreOffer | None = None) -> None:
+    """One generation: draft, send the proposal, wait for the verdict, apply it, repeat until STOP.
+    While it waits, ``offer`` lends its cores to the target."""
     metrics = Metrics()
     tracker = CounterTracker(metrics)
     rounds = 0
@@ -84,7 +86,11 @@ def generation(channel: Channel, backend, start: Message) -> None:
                 rounds += 1
                 t0 = time.perf_counter()
                 with region("draft.wait"):
+                    if offer:
+                        offer.offer()
                     msg = channel.recv(FOREVER)
+                    if offer:
+                        offer.withdraw()
                 tracker.idle_s += time.perf_counter() - t0  # waiting for the target: the draft's bubble
                 if msg.kind == Kind.STOP:
                     break
@@ -119,7 +125,7 @@ def main(argv: list[str]) -> int:
     store.set("ready", json.dumps({"vocab_size": backend.vocab_size}))
     channel = Channel(make_group(store, 1, cfg["startup_s"]), peer=0, vocab_size=backend.vocab_size)
     try:
-        serve(channel, backend)
+        serve(channel, backend, CoreOffer(cfg["lend_page"]) if cfg.get("lend_page") else None)
     except ChannelError as e:  # the coordinator went away or broke the protocol: nothing left to serve
         print(f"specbranch draft worker: {e}", file=sys.stderr)
         return 1

@@ -1,0 +1,188 @@
+/* Lending the draft worker's core to the target's linears while the draft waits (parallel runtime, CPU).
+ *
+ * Why: the parallel runtime pins the target to one core and the draft to the other. Each round the draft
+ * finishes its block first and then waits for the verdict: about a quarter of its core's time sat idle in the
+ * bench, while the target's block verification on one core is bound by that core's multiply units. A helper
+ * thread of the target process, pinned to the draft's core, takes chunks of the target's int8 linears exactly
+ * while the draft waits, and never otherwise.
+ *
+ * Why nothing changes: each linear's output blocks are computed whole by one thread, in one fixed order (q8.c),
+ * so which thread computed a block does not change a bit of it.
+ *
+ * Why neither waits for the other: the helper may claim work only while the LEND bit of the shared word is
+ * set. The draft sets the bit when it starts waiting for the verdict; the target clears it before it sends
+ * anything to the draft (kernels run inside a forward, and the verdict leaves after the forward), so by the
+ * time the draft wakes, the helper holds no work and goes to sleep on a futex. The bit lives in the same
+ * 64-bit word as the job's claim counter and a claim is a compare-and-swap on that word, so no claim slips in
+ * after the bit is cleared. The helper keeps the normal scheduling class: as SCHED_IDLE, any other busy
+ * process on that core could starve it in the middle of a chunk the target waits for.
+ *
+ * Shared page (a file both processes map): word 0 (u64) = LEND (bit 63) | job id (bits 48-62) | end
+ * (bits 24-47) | next unclaimed index (bits 0-23); then a u32 doorbell the helper sleeps on (a futex).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <immintrin.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <omp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "lend.h"
+
+#define LEND_BIT (1ULL << 63)
+#define ID_SHIFT 48
+#define ID_MASK 0x7fffULL
+#define END_SHIFT 24
+#define IDX_MASK 0xffffffULL
+
+typedef struct {
+    _Atomic uint64_t word;
+    _Atomic uint32_t bell;
+} shared_page;
+
+struct lend {
+    shared_page *page;
+    pthread_t thread;
+    cpu_set_t cores;
+    _Atomic uint32_t helping;  /* job id the helper may be claiming or running (0: none) */
+    _Atomic int sleeping;      /* the helper waits on the doorbell */
+    _Atomic int stop;
+    _Atomic int busy;          /* a lend_for is under way (one at a time; others take OpenMP) */
+    _Atomic uint64_t helped;   /* chunks the helper ran (tests, diagnostics) */
+    uint32_t last_id;          /* the owner's job counter */
+    lend_fn fn;                /* the current job, written before it is published (the word's CAS) */
+    void *ctx;
+    int64_t chunk;
+};
+
+static struct lend *_Atomic active; /* whose helper the kernels use now (NULL: plain OpenMP) */
+
+static long futex(_Atomic uint32_t *addr, int op, uint32_t val) {
+    return syscall(SYS_futex, (uint32_t *)addr, op, val, NULL, NULL, 0); /* shared: the draft wakes it */
+}
+
+static inline uint32_t job_id(uint64_t s) { return (uint32_t)((s >> ID_SHIFT) & ID_MASK); }
+static inline int64_t job_end(uint64_t s) { return (int64_t)((s >> END_SHIFT) & IDX_MASK); }
+static inline int64_t job_next(uint64_t s) { return (int64_t)(s & IDX_MASK); }
+
+/* Claim and run chunks of job `id` until none is left (or, for the helper, the bit is gone). */
+static void run_claims(struct lend *l, uint32_t id, int need_lend) {
+    _Atomic uint64_t *w = &l->page->word;
+    uint64_t s = atomic_load(w);
+    for (;;) {
+        if (job_id(s) != id || (need_lend && !(s & LEND_BIT))) return;
+        const int64_t next = job_next(s), end = job_end(s);
+        if (next >= end) return;
+        const int64_t chunk = l->chunk, to = next + chunk < end ? next + chunk : end;
+        if (atomic_compare_exchange_weak(w, &s, (s & ~IDX_MASK) | (uint64_t)to)) {
+            l->fn(l->ctx, next, to); /* the job's fields are this job's: the owner waits for us (helping) */
+            if (need_lend) atomic_fetch_add_explicit(&l->helped, 1, memory_order_relaxed);
+            s = atomic_load(w);
+        }
+    }
+}
+
+static void *helper_main(void *arg) {
+    struct lend *l = arg;
+    pthread_setaffinity_np(pthread_self(), sizeof l->cores, &l->cores);
+    _Atomic uint64_t *w = &l->page->word;
+    while (!atomic_load(&l->stop)) {
+        const uint32_t bell = atomic_load(&l->page->bell);
+        const uint64_t s = atomic_load(w);
+        if (!(s & LEND_BIT)) { /* the draft is computing: sleep until it waits again or a job is announced */
+            atomic_store(&l->sleeping, 1);
+            if (atomic_load(&l->page->bell) == bell && !atomic_load(&l->stop))
+                futex(&l->page->bell, FUTEX_WAIT, bell);
+            atomic_store(&l->sleeping, 0);
+            continue;
+        }
+        if (job_next(s) < job_end(s)) {
+            /* Say which job before claiming from it: a claim (CAS) that succeeds is then seen by the owner,
+             * which waits while helping names its job. */
+            atomic_store(&l->helping, job_id(s));
+            run_claims(l, job_id(s), 1);
+            atomic_store(&l->helping, 0);
+        } else {
+            _mm_pause(); /* the draft's core is idle: spin for the next job of this forward */
+        }
+    }
+    return NULL;
+}
+
+struct lend *lend_start(void *page, const int *cores, int ncores) {
+    struct lend *l = calloc(1, sizeof *l);
+    if (!l) return NULL;
+    l->page = page;
+    CPU_ZERO(&l->cores);
+    for (int i = 0; i < ncores; ++i) CPU_SET(cores[i], &l->cores);
+    if (pthread_create(&l->thread, NULL, helper_main, l) != 0) {
+        free(l);
+        return NULL;
+    }
+    return l;
+}
+
+void lend_stop(struct lend *l) {
+    if (!l) return;
+    struct lend *expected = l;
+    atomic_compare_exchange_strong(&active, &expected, NULL);
+    while (atomic_load(&l->busy)) _mm_pause(); /* a kernel call may still be using it */
+    atomic_store(&l->stop, 1);
+    atomic_fetch_add(&l->page->bell, 1);
+    futex(&l->page->bell, FUTEX_WAKE, INT_MAX);
+    pthread_join(l->thread, NULL);
+    free(l);
+}
+
+void lend_activate(struct lend *l) { atomic_store(&active, l); }
+
+/* Whether a lent core is in use now (linear.py then sends prompts through the kernel too). */
+int lend_active(void) { return atomic_load(&active) != NULL; }
+
+uint64_t lend_helped(struct lend *l) { return atomic_load(&l->helped); }
+
+/* Draft side (any process mapping the page): offer the core while waiting, take it back when woken. */
+void lend_offer(void *page) {
+    shared_page *p = page;
+    atomic_fetch_or(&p->word, LEND_BIT);
+    atomic_fetch_add(&p->bell, 1);
+    futex(&p->bell, FUTEX_WAKE, INT_MAX);
+}
+
+/* Target side before it wakes the draft (and the draft once woken): no new claims from here on. */
+void lend_reclaim(void *page) { atomic_fetch_and(&((shared_page *)page)->word, ~LEND_BIT); }
+
+int lend_for(int64_t n, int64_t chunk, lend_fn fn, void *ctx) {
+    struct lend *l = atomic_load(&active);
+    int free_ = 0;
+    if (!l || n > (int64_t)IDX_MASK || !atomic_compare_exchange_strong(&l->busy, &free_, 1)) return 0;
+    l->fn = fn;
+    l->ctx = ctx;
+    l->chunk = chunk < 1 ? 1 : chunk;
+    const uint32_t id = l->last_id = l->last_id % ID_MASK + 1; /* 1..ID_MASK: 0 means "no job" in helping */
+    _Atomic uint64_t *w = &l->page->word;
+    uint64_t s = atomic_load(w), fresh;
+    do { /* keep the draft's bit, replace the job */
+        fresh = (s & LEND_BIT) | ((uint64_t)id << ID_SHIFT) | ((uint64_t)n << END_SHIFT);
+    } while (!atomic_compare_exchange_weak(w, &s, fresh));
+    if (s & LEND_BIT) {
+        atomic_fetch_add(&l->page->bell, 1);
+        if (atomic_load(&l->sleeping)) futex(&l->page->bell, FUTEX_WAKE, INT_MAX);
+    }
+    if (omp_get_max_threads() > 1) {
+#pragma omp parallel
+        run_claims(l, id, 0);
+    } else {
+        run_claims(l, id, 0);
+    }
+    while (atomic_load(&l->helping) == id) _mm_pause(); /* a chunk the helper claimed is not written yet */
+    atomic_store(&l->busy, 0);
+    return 1;
+}

@@ -1,0 +1,102 @@
+"""Lending the draft worker's core to the target (runtime/lending.py, kernels/lend.c).
+
+In one process: a helper thread pinned to another core computes chunks of the int8 linears exactly while
+the page's bit is set, with FBGEMM's bits whoever computed what, and never while it is clear; flipping the
+bit at random moments in the middle of calls changes no result and hangs nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import threading
+
+import pytest
+import torch
+
+from conftest import torch_threads
+from specbranch.kernels import unavailable
+from specbranch.models.linear import Int8Linear
+from specbranch.runtime.lending import CoreLender, CoreOffer, lending_unavailable
+from specbranch.runtime.placement import Placement, available_cores
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or unavailable() is not None,
+                                reason="lending needs Linux and the native kernels")
+
+
+@pytest.fixture
+def lent():
+    """(lender, offer): the helper on the last core this process may use, the caller pinned to the first."""
+    cores = available_cores()
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cores[0]})
+    lender = CoreLender((cores[-1],))
+    offer = CoreOffer(lender.path)
+    lender.activate()
+    try:
+        with torch_threads(1):
+            yield lender, offer
+    finally:
+        lender.close()
+        os.sched_setaffinity(0, before)
+    assert not os.path.exists(lender.path)  # close removes the shared page
+
+
+def fbgemm(lin: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    lin.use_kernel = False
+    try:
+        return lin(x)
+    finally:
+        lin.use_kernel = True
+
+
+def test_the_lent_core_takes_chunks_only_while_offered_and_changes_no_bit(lent):
+    lender, offer = lent
+    torch.manual_seed(0)
+    lin = Int8Linear.from_float(torch.randn(4099, 384) * 0.05, torch.randn(4099))  # ~1.6 MB, a partial block
+    xs = {m: torch.randn(m, 384) * torch.logspace(-2, 2, m)[:, None] for m in (1, 8, 100)}
+    want = {m: fbgemm(lin, x) for m, x in xs.items()}
+
+    offer.offer()
+    for _ in range(500):  # the helper needs a moment to be scheduled on its core
+        for m, x in xs.items():
+            assert torch.equal(lin(x), want[m]), f"{m} rows differ from FBGEMM with the core lent"
+        if lender.chunks_helped > 0:
+            break
+    assert lender.chunks_helped > 0, "the helper never computed a chunk while the core was offered"
+
+    offer.withdraw()
+    helped = lender.chunks_helped
+    for m, x in xs.items():
+        assert torch.equal(lin(x), want[m])
+    assert lender.chunks_helped == helped  # no claim without the bit
+
+    lender.deactivate()
+    assert torch.equal(lin(xs[100]), want[100])  # prompts back on FBGEMM, the same bits
+
+
+def test_flipping_the_bit_mid_call_changes_nothing(lent):
+    """The draft wakes and sleeps at any moment relative to the target's calls: claims racing the bit, a helper
+    finishing a chunk after the bit is gone, the next job published while it spins."""
+    lender, offer = lent
+    torch.manual_seed(1)
+    lin = Int8Linear.from_float(torch.randn(2048, 512) * 0.05, None)
+    x = torch.randn(8, 512)
+    want = fbgemm(lin, x)
+    stop = threading.Event()
+
+    def flip() -> None:
+        rng = random.Random(0)
+        while not stop.is_set():
+            (offer.offer if rng.random() < 0.5 else offer.withdraw)()
+            stop.wait(rng.random() * 2e-4)
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        for i in range(300):
+            assert torch.equal(lin(x), want), f"call {i} differs"
+    finally:
+        stop.set()
+        flipper.join()
