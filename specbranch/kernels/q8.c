@@ -49,11 +49,16 @@
 #define Q8_ZERO 64 /* activation offset: u = q + 64 */
 #define Q8_NB 4    /* output rows per block */
 #define Q8_KC 32   /* columns per chunk */
-/* VNNI code: prefetch the weights this many bytes ahead. At 8 rows one core spends about as long on
- * the multiplies as on the stream, and without prefetching the two did not overlap: a simulated target
- * step (the real shapes, 1.55 GB) took 206-216 ms at 8 rows on one core, 146-170 ms with 4-8 KB of
- * lead, and on two cores 131 ms against 110 with 8 KB (single runs on a noisy machine). */
+/* VNNI code: prefetch the weights 8 KB ahead into L1 and 32 KB ahead into L2. At 8 rows one core computes
+ * for about as long as the weights take to stream, and without prefetching the two did not overlap: a
+ * simulated target step (the real shapes, 1.55 GB) took 206-216 ms at 8 rows on one core, 146-170 ms with
+ * 4-8 KB of L1 lead. That still left one core at 8 rows streaming about 14 GB/s against 24 at 1 row: the
+ * core's L1 miss buffers were the limit (some 24 lines in flight). The L2 prefetch far ahead keeps more lines
+ * in flight: single int8 linears of the target's shapes, weights from memory, one core, 8 rows, Zen 4
+ * (medians of 7, two alternations): 1536x17920 1.96-2.22 -> 1.27 ms, 8960x1536 1.31-1.53 -> 0.60-0.61 ms,
+ * 1536x2048 0.28-0.39 -> 0.18 ms; at 1 row 1.27-1.41 -> 1.16-1.17 ms for the first. */
 #define Q8_PREFETCH 8192
+#define Q8_PREFETCH_L2 32768
 
 static inline int32_t hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -162,6 +167,8 @@ Q8_BLOCK(2)
         for (int64_t c = 0; c < C; ++c, p += Q8_NB * Q8_KC) {                                                \
             _mm_prefetch((const char *)p + Q8_PREFETCH, _MM_HINT_T0);                                        \
             _mm_prefetch((const char *)p + Q8_PREFETCH + 64, _MM_HINT_T0);                                   \
+            _mm_prefetch((const char *)p + Q8_PREFETCH_L2, _MM_HINT_T1);                                     \
+            _mm_prefetch((const char *)p + Q8_PREFETCH_L2 + 64, _MM_HINT_T1);                                \
             const __m512i w01 = _mm512_loadu_si512((const void *)p);                                         \
             const __m512i w23 = _mm512_loadu_si512((const void *)(p + 2 * Q8_KC));                           \
             for (int i = 0; i < M; ++i) {                                                                    \
