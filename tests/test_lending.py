@@ -100,3 +100,23 @@ def test_flipping_the_bit_mid_call_changes_nothing(lent):
     finally:
         stop.set()
         flipper.join()
+
+
+def test_a_closed_lender_is_inert_and_a_forked_child_does_not_use_it(lent):
+    lender, offer = lent
+    lin = Int8Linear.from_float(torch.randn(512, 256) * 0.05, None)
+    x = torch.randn(1, 256)
+    want = fbgemm(lin, x)
+    offer.offer()
+    pid = os.fork()
+    if pid == 0:  # the child has no helper: its calls must not be published on the shared page
+        from specbranch.kernels import library
+
+        os._exit(0 if not library().lend_active() and torch.equal(lin(x), want) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    offer.withdraw()
+    lender.close()
+    lender.reclaim()  # after close: no page to touch, no crash
+    lender.activate()
+    assert torch.equal(lin(x), want)

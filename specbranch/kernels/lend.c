@@ -116,7 +116,14 @@ static void *helper_main(void *arg) {
     return NULL;
 }
 
+/* A child forked from this process has no helper thread but still maps the page: it must not publish jobs
+ * there, or the parent's helper would run them with the parent's job fields. */
+static void forget_in_child(void) { atomic_store(&active, NULL); }
+static void register_fork_handler(void) { pthread_atfork(NULL, NULL, forget_in_child); }
+
 struct lend *lend_start(void *page, const int *cores, int ncores) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, register_fork_handler);
     struct lend *l = calloc(1, sizeof *l);
     if (!l) return NULL;
     l->page = page;

@@ -74,14 +74,17 @@ class CoreLender:
 
     def activate(self) -> None:
         """From now on the int8 kernels of this process hand chunks to the helper (while the bit is set)."""
-        self.lib.lend_activate(self.handle)
+        if self.handle:
+            self.lib.lend_activate(self.handle)
 
     def deactivate(self) -> None:
         self.lib.lend_activate(None)
 
     def reclaim(self) -> None:
-        """Clear the bit: called before anything is sent to the draft worker, which that wakes."""
-        self.lib.lend_reclaim(self.page.address)
+        """Clear the bit: called before anything is sent to the draft worker, which that wakes. (After
+        :meth:`close` the page is gone and there is nothing to clear.)"""
+        if self.handle:
+            self.lib.lend_reclaim(self.page.address)
 
     @property
     def chunks_helped(self) -> int:
@@ -92,7 +95,7 @@ class CoreLender:
         """Stop the helper and remove the page (idempotent)."""
         if self.handle:
             self.reclaim()
-            self.lib.lend_stop(self.handle)
+            self.lib.lend_stop(self.handle)  # also deactivates it if it is the active one
             self.handle = None
             self.page.close()
             self.page.path.unlink(missing_ok=True)
