@@ -24,8 +24,10 @@
 #define GROUP 64
 #define MMAX 4 /* most activation rows per call (q4_linear_f32 checks) */
 
-/* x [M, K] float -> xq [M, K] int8, xs [M] per-row scale, xsum [M, K/GROUP] group sums of xq. */
-static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xs, int32_t *xsum) {
+/* x [M, K] float -> xq [M, K] int8, xs [M] per-row scale, xc [M, K/GROUP] 8 x the group sums of xq, as floats
+ * (exact: |8 x sum| <= 8 * 64 * 127): the blocks' offset correction, converted once here instead of in every
+ * block's inner loop. */
+static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xs, float *xc) {
     const int64_t G = K / GROUP;
     for (int64_t m = 0; m < M; ++m) {
         const float *r = x + m * K;
@@ -39,7 +41,7 @@ static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, f
                 xq[m * K + k] = q;
                 s += q;
             }
-            xsum[m * G + g] = s;
+            xc[m * G + g] = 8.f * (float)s;
         }
     }
 }
@@ -57,7 +59,7 @@ static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, f
  * one widening madd. Every (row, weight row) accumulator sees the same operations in the same
  * order whatever M is, so results stay batch-invariant. */
 #define Q4_BLOCK(M, NB)                                                                                     \
-    static void q4_block_##M##_##NB(const int8_t *xq, const float *xs, const int32_t *xsum, int64_t K,     \
+    static void q4_block_##M##_##NB(const int8_t *xq, const float *xs, const float *xc, int64_t K,         \
                                     const uint8_t *w, const float *d, const float *bias, int64_t N,        \
                                     int64_t n0, float *y) {                                                \
         const int64_t G = K / GROUP, row_bytes = K / 2;                                                    \
@@ -87,7 +89,7 @@ static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, f
                         _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))));          \
                     const __m256i s = _mm256_madd_epi16(s16, ones);                                        \
                     acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), dv, acc[i][j]);                     \
-                    corr[i][j] += dj * (8.f * (float)xsum[i * G + g]);                                     \
+                    corr[i][j] += dj * xc[i * G + g];                                                      \
                 }                                                                                          \
             }                                                                                              \
         }                                                                                                  \
@@ -108,12 +110,12 @@ Q4_BLOCK(2, 1)
 Q4_BLOCK(3, 1)
 Q4_BLOCK(4, 1)
 
-typedef void (*q4_block_fn)(const int8_t *, const float *, const int32_t *, int64_t, const uint8_t *,
+typedef void (*q4_block_fn)(const int8_t *, const float *, const float *, int64_t, const uint8_t *,
                             const float *, const float *, int64_t, int64_t, float *);
 
 /* y[M, N] for M in 1..MMAX: blocks of NB weight rows split over the OpenMP threads; a tail of fewer
  * than NB weight rows goes one row at a time. */
-static void q4_linear(const int8_t *xq, const float *xs, const int32_t *xsum, int64_t M, int64_t K, const uint8_t *w,
+static void q4_linear(const int8_t *xq, const float *xs, const float *xc, int64_t M, int64_t K, const uint8_t *w,
                const float *d, const float *bias, int64_t N, float *y) {
     static const q4_block_fn blocks[MMAX + 1] = {0, q4_block_1_4, q4_block_2_4, q4_block_3_2, q4_block_4_2};
     static const q4_block_fn singles[MMAX + 1] = {0, q4_block_1_1, q4_block_2_1, q4_block_3_1, q4_block_4_1};
@@ -121,8 +123,8 @@ static void q4_linear(const int8_t *xq, const float *xs, const int32_t *xsum, in
     const q4_block_fn block = blocks[M], single = singles[M];
     const int64_t nb = widths[M], full = N / nb;
 #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < full; ++b) block(xq, xs, xsum, K, w, d, bias, N, b * nb, y);
-    for (int64_t n = full * nb; n < N; ++n) single(xq, xs, xsum, K, w, d, bias, N, n, y);
+    for (int64_t b = 0; b < full; ++b) block(xq, xs, xc, K, w, d, bias, N, b * nb, y);
+    for (int64_t n = full * nb; n < N; ++n) single(xq, xs, xc, K, w, d, bias, N, n, y);
 }
 
 /* The whole layer in one call from Python: quantize x [M, K] (M in 1..MMAX, else -2)
@@ -133,14 +135,14 @@ int q4_linear_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, const 
     if (M < 1 || M > MMAX) return -2; /* the kernels exist for 1..MMAX rows only */
     int8_t *xq = malloc((size_t)(M * K));
     float *xs = malloc((size_t)M * sizeof(float));
-    int32_t *xsum = malloc((size_t)(M * (K / GROUP)) * sizeof(int32_t));
-    const int ok = xq && xs && xsum;
+    float *xc = malloc((size_t)(M * (K / GROUP)) * sizeof(float));
+    const int ok = xq && xs && xc;
     if (ok) {
-        q4_quantize_rows(x, M, K, xq, xs, xsum);
-        q4_linear(xq, xs, xsum, M, K, w, d, bias, N, y);
+        q4_quantize_rows(x, M, K, xq, xs, xc);
+        q4_linear(xq, xs, xc, M, K, w, d, bias, N, y);
     }
     free(xq);
     free(xs);
-    free(xsum);
+    free(xc);
     return ok ? 0 : -1; /* -1: out of memory */
 }
