@@ -18,8 +18,8 @@ import torch
 from conftest import torch_threads
 from specbranch.kernels import unavailable
 from specbranch.models.linear import Int8Linear
-from specbranch.runtime.lending import CoreLender, CoreOffer, lending_unavailable
-from specbranch.runtime.placement import Placement, available_cores
+from specbranch.runtime.lending import CoreLender, CoreOffer
+from specbranch.runtime.placement import available_cores
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or unavailable() is not None,
                                 reason="lending needs Linux and the native kernels")

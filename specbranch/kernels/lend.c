@@ -1,8 +1,8 @@
 /* Lending the draft worker's core to the target's linears while the draft waits (parallel runtime, CPU).
  *
  * Why: the parallel runtime pins the target to one core and the draft to the other. Each round the draft
- * finishes its block first and then waits for the verdict: about a quarter of its core's time sat idle in the
- * bench, while the target's block verification on one core is bound by that core's multiply units. A helper
+ * often finishes its block first and then waits for the verdict, most of all while the target prefills the
+ * prompt on its one core (the draft's small model prefills in a fraction of the time). A helper
  * thread of the target process, pinned to the draft's core, takes chunks of the target's int8 linears exactly
  * while the draft waits, and never otherwise.
  *
@@ -21,7 +21,6 @@
  * (bits 24-47) | next unclaimed index (bits 0-23); then a u32 doorbell the helper sleeps on (a futex).
  */
 #define _GNU_SOURCE
-#include <errno.h>
 #include <immintrin.h>
 #include <limits.h>
 #include <linux/futex.h>
@@ -183,12 +182,8 @@ int lend_for(int64_t n, int64_t chunk, lend_fn fn, void *ctx) {
         atomic_fetch_add(&l->page->bell, 1);
         if (atomic_load(&l->sleeping)) futex(&l->page->bell, FUTEX_WAKE, INT_MAX);
     }
-    if (omp_get_max_threads() > 1) {
-#pragma omp parallel
-        run_claims(l, id, 0);
-    } else {
-        run_claims(l, id, 0);
-    }
+#pragma omp parallel if (omp_get_max_threads() > 1)
+    run_claims(l, id, 0);
     while (atomic_load(&l->helping) == id) _mm_pause(); /* a chunk the helper claimed is not written yet */
     atomic_store(&l->busy, 0);
     return 1;

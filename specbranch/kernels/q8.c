@@ -42,7 +42,7 @@
 #include "lend.h"
 #include "simd.h"
 
-#define Q8_MMAX 2       /* most activation rows per call on AVX2 (q8_linear_f32 checks) */
+#define Q8_MMAX 2       /* most activation rows per pass over a block's weights on AVX2 */
 #define Q8_VNNI_MMAX 8  /* ... and on AVX-512 VNNI, per pass over a block's weights */
 #define Q8_PASS_ROWS 64 /* rows per pass over the weights (larger calls make several passes); a block's weights
                           * are read from memory once per pass and from L1 for each group of up to 2/8 rows */

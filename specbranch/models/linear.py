@@ -63,9 +63,10 @@ class Int8Linear:
     ACT_SCALE = torch.tensor(2.0 / 127.0, dtype=torch.float32)
     ACT_INV = float(1.0 / ACT_SCALE)  # computed in float32, as FBGEMM does (63.5)
     # Calls of up to this many rows run the native kernel (kernels/q8.c): bit-identical results, weights streamed
-    # faster. The kernel itself reads each weight once for 1-2 rows on AVX2 (decode steps: beyond that its multiplies, not memory, are
-    # the limit and FBGEMM is faster) and 1-8 on AVX-512 VNNI (verifying a drafted block too); the rest (prompts)
-    # run FBGEMM, except while the draft worker's core is lent (runtime/lending.py). Tests set 0 to force FBGEMM.
+    # faster. The kernel itself reads each weight once for 1-2 rows on AVX2 (decode steps: beyond that its
+    # multiplies, not memory, are the limit and FBGEMM is faster) and 1-8 on AVX-512 VNNI (verifying a drafted
+    # block too); the rest (prompts) run FBGEMM, except while the draft worker's core is lent
+    # (runtime/lending.py). Tests set 0 to force FBGEMM.
     KERNEL_ROWS = 8
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:

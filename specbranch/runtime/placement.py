@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..config import RuntimeConfig, parse_cores
 from ..errors import ConfigError
+
+if TYPE_CHECKING:  # lending imports this module
+    from .lending import CoreLender
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ def worker_placements(cfg: RuntimeConfig) -> tuple[Placement, Placement]:
     )
 
 
-def apply_placement(p: Placement, lender=None) -> Callable[[], None]:
+def apply_placement(p: Placement, lender: CoreLender | None = None) -> Callable[[], None]:
     """Pin the calling thread (and the threads it starts later) to ``p.cores``, set torch's thread
     count and activate ``lender`` (a :class:`~.lending.CoreLender`: borrow the draft's cores while it
     waits); returns a function that restores all three (safe to call more than once)."""

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from ..config import ModelConfig
 from ..engines.specbranch import Proposal, Verdict
 from ..errors import ModelError, WorkerDiedError, WorkerError, WorkerTimeoutError
+from .lending import CoreLender
 from .messages import (
     LOOPBACK,
     Channel,
@@ -39,7 +40,6 @@ from .messages import (
     encode_verdict,
     make_group,
 )
-from .lending import CoreLender
 from .placement import Placement
 
 STARTUP_LIMIT_S = 600.0  # loading (first int8 quantization included) is waited for while the worker lives

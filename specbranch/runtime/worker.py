@@ -29,6 +29,7 @@ from ..engines.specbranch import DraftSide, draft_policy
 from ..metrics import Metrics
 from ..profiling import profiled, region
 from ..sampling import draft_generator
+from .lending import CoreOffer
 from .messages import (
     FOREVER,
     LOOPBACK,
@@ -42,7 +43,6 @@ from .messages import (
     encode_proposal,
     make_group,
 )
-from .lending import CoreOffer
 from .placement import Placement, apply_placement
 
 def watch_parent() -> None:
