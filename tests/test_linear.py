@@ -55,8 +55,8 @@ def near_ties(k: int) -> torch.Tensor:
 
 @contextmanager
 def pinned_isa(vnni: bool):
-    """The int8 kernel's AVX-512 VNNI code (where the CPU has it) or its AVX2 code, inside the block; yields the
-    code in use (True: VNNI). Afterwards the best code the CPU has again."""
+    """The kernels' AVX-512 VNNI code (where the CPU has it) or their AVX2 code (int8 and int4 alike), inside the
+    block; yields the code in use (True: VNNI). Afterwards the best code the CPU has again."""
     from specbranch.kernels import library
 
     lib = library()
@@ -68,8 +68,8 @@ def pinned_isa(vnni: bool):
 
 @pytest.fixture(params=["avx2", "vnni"])
 def kernel_isa(request):
-    """Run a test once with the int8 kernel's AVX2 code and once with its AVX-512 VNNI code (skipped where the
-    CPU lacks VNNI); yields the most rows the kernel then takes."""
+    """Run a test once with the kernels' AVX2 code and once with their AVX-512 VNNI code (skipped where the
+    CPU lacks VNNI); yields the most rows the int8 kernel then takes."""
     from specbranch.kernels import library
 
     with pinned_isa(request.param == "vnni") as vnni:
@@ -190,28 +190,59 @@ def test_int4_quantization_round_trip_is_within_one_step():
     assert torch.allclose(scales.abs() * 8, peak)  # the largest magnitude is represented exactly
 
 
-def test_int4_kernel_matches_the_dequantized_reference():
+def test_int4_blocked_layout_round_trips():
+    """The kernel reads blocks of 4 rows, each group's 4 rows side by side; N = 7 leaves a padded block."""
+    from specbranch.models.linear import block_int4, quantize_int4, unblock_int4
+
+    packed, scales = quantize_int4(torch.randn(7, 128))
+    wblk, dblk = block_int4(packed, scales)
+    assert wblk.shape == (2, 2, 4, 32) and dblk.shape == (2, 2, 4)
+    assert torch.equal(wblk[1, 0, 2], packed[6, :32]) and torch.equal(wblk[0, 1, 3], packed[3, 32:])
+    assert dblk[1, 0, 2] == scales[6, 0] and dblk[0, 1, 3] == scales[3, 1]
+    assert (wblk[1, :, 3] == 0).all() and (dblk[1, :, 3] == 0).all()  # the padding row
+    back = unblock_int4(wblk, dblk, 7)
+    assert torch.equal(back[0], packed) and torch.equal(back[1], scales)
+
+
+def test_int4_kernel_matches_the_dequantized_reference(kernel_isa):
     """The C kernel computes exactly the documented sum: per-row int8 activations times the int4
-    weights, per group scaled; checked against the same sum in float64."""
+    weights, per group scaled; checked against the same sum in float64. N = 203: a partial block."""
     from specbranch.models.linear import dequantize_int4
 
-    lin, _ = int4_layer()
+    lin, _ = int4_layer(n=203)
     x = torch.randn(3, 192) * torch.tensor([[0.01], [1.0], [100.0]])
     amax = x.abs().amax(dim=1, keepdim=True)
     xq = torch.round(x * (127 / amax))  # what the kernel feeds the integer dot
     want = (xq.double() @ dequantize_int4(lin.packed, lin.scales).double().T) * (amax.double() / 127) + lin.bias.double()
     got = lin(x)
-    assert got.shape == (3, 200) and got.dtype == torch.float32
+    assert got.shape == (3, 203) and got.dtype == torch.float32
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-4 * want.abs().max().item())
 
 
-def test_int4_linear_is_batch_and_thread_invariant():
+def test_int4_linear_is_batch_and_thread_invariant(kernel_isa):
     lin, _ = int4_layer(bias=False)
     x = torch.randn(4, 192)
     together = lin(x)
-    assert torch.equal(together, torch.cat([lin(x[i : i + 1]) for i in range(4)]))
+    for m in (1, 2, 3):
+        assert torch.equal(together[:m], lin(x[:m])), f"{m} rows differ from the same rows among 4"
     one, two = on_one_and_two_threads(lin, x)
     assert torch.equal(one, two) and torch.equal(one, together)
+
+
+def test_int4_kernel_gives_the_same_bits_with_avx2_and_vnni():
+    """The VNNI code forms the AVX2 code's integer partial sums and does the same float operations on them, so a
+    draft step gives the same result whichever the CPU runs; 1-4 rows (AVX2 takes 3-4 rows in two half-block
+    passes), N = 201: a partial block."""
+    lin, _ = int4_layer(n=201, k=320)
+    x = torch.randn(4, 320) * torch.logspace(-2, 2, 4)[:, None]
+    for m in range(1, 5):
+        with pinned_isa(True) as vnni:
+            if not vnni:
+                pytest.skip("this CPU has no AVX-512 VNNI")
+            on_vnni = lin(x[:m])
+        with pinned_isa(False):
+            on_avx2 = lin(x[:m])
+        assert torch.equal(on_vnni, on_avx2), f"{m} rows differ"
 
 
 def test_int4_linear_falls_back_to_int8_for_large_batches():
@@ -220,8 +251,8 @@ def test_int4_linear_falls_back_to_int8_for_large_batches():
     assert torch.equal(lin(x), lin.base(x))
     assert lin(x[:0]).shape == (0, lin.MAX_ROWS + 1, lin.out_features)
     y = torch.empty(lin.MAX_ROWS + 1, lin.out_features)  # the kernel itself refuses what it has no code for
-    assert lin.lib.q4_linear_f32(x[0].contiguous().data_ptr(), lin.MAX_ROWS + 1, 192, lin.packed.data_ptr(),
-                                 lin.scales.data_ptr(), None, lin.out_features, y.data_ptr()) == -2
+    assert lin.lib.q4_linear_f32(x[0].contiguous().data_ptr(), lin.MAX_ROWS + 1, 192, lin.wblk.data_ptr(),
+                                 lin.dblk.data_ptr(), None, lin.out_features, y.data_ptr()) == -2
     six = torch.randn(6, 192)  # within the int8 kernel's rows on VNNI, but an int4 layer's base stays on FBGEMM
     assert torch.equal(lin(six), fbgemm_only(lin.base, six)) and lin.base.blocked is None
     small = x[0, :2]

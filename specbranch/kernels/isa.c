@@ -1,7 +1,8 @@
-/* Which instruction set the int8 kernel (q8.c) runs: chosen once at run time from the CPU, so one
- * library serves AVX2 machines and AVX-512 VNNI ones alike; tests pin AVX2 to compare the two codes
- * on one machine. (The int4 draft kernel stays AVX2: its VNNI version measured no faster, 0.93-1.10x
- * a draft step on this session's Intel CPU, whose 256-bit dpbusd is slow.)
+/* Which instruction set the int8 and int4 kernels (q8.c, q4.c) run: chosen once at run time from the CPU, so
+ * one library serves AVX2 machines and AVX-512 VNNI ones alike; tests pin AVX2 to compare the two codes
+ * on one machine. (An earlier VNNI code for the int4 kernel, over row-major weights with 256-bit dpbusd,
+ * measured no faster on an Intel CPU whose 256-bit dpbusd is slow; the present one uses 512-bit dpbusd
+ * over the blocked layout.)
  *
  * Why VNNI matters: its dpbusd multiplies u8 by s8 and adds each 4 products straight into 32 bits,
  * one instruction where AVX2 needs three (maddubs to 16 bits, madd to 32, add). Both sums are exact,

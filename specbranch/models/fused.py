@@ -131,8 +131,8 @@ class Int4Block:
         qkv, o, gu, down = layer.qkv, layer.o, layer.gate_up, layer.down
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
         self.weights = LayerWeights(  # the norm weights: float32 and contiguous (decoder.Layer)
-            LayerShape.of(cfg), ptr(layer.ln_attn), ptr(layer.ln_mlp), ptr(qkv.packed), ptr(qkv.scales), ptr(qkv.bias),
-            ptr(o.packed), ptr(o.scales), ptr(o.bias), ptr(gu.packed), ptr(gu.scales), ptr(down.packed), ptr(down.scales))
+            LayerShape.of(cfg), ptr(layer.ln_attn), ptr(layer.ln_mlp), ptr(qkv.wblk), ptr(qkv.dblk), ptr(qkv.bias),
+            ptr(o.wblk), ptr(o.dblk), ptr(o.bias), ptr(gu.wblk), ptr(gu.dblk), ptr(down.wblk), ptr(down.dblk))
 
     @classmethod
     def of(cls, layer, cfg) -> "Int4Block | None":

@@ -191,6 +191,7 @@ class Int4Linear:
     """
 
     GROUP = 64
+    BLOCK = 4  # weight rows per block of the kernel's layout (block_int4)
     MAX_ROWS = 4  # the kernel is specialized for 1-4 rows (decode steps, k <= 4 branch rows)
 
     def __init__(self, base: Int8Linear, packed: torch.Tensor, scales: torch.Tensor) -> None:
@@ -199,10 +200,19 @@ class Int4Linear:
         self.lib = library()
         self.base = base
         base.use_kernel = False  # batches of up to MAX_ROWS are ours; the larger ones (prompts) stay on FBGEMM
-        self.packed = packed  # uint8 [N, K/2]
-        self.scales = scales  # fp32 [N, K/64]
         self.bias = None if base.bias is None else base.bias.float().contiguous()
         self.out_features, self.in_features = packed.shape[0], packed.shape[1] * 2
+        self.wblk, self.dblk = block_int4(packed, scales)  # what the kernel reads; the row-major form is not kept
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """The weights row-major, uint8 ``[N, K/2]`` (a copy: for saving, row subsets and tests)."""
+        return unblock_int4(self.wblk, self.dblk, self.out_features)[0]
+
+    @property
+    def scales(self) -> torch.Tensor:
+        """The group scales row-major, fp32 ``[N, K/64]`` (a copy)."""
+        return unblock_int4(self.wblk, self.dblk, self.out_features)[1]
 
     @classmethod
     def from_int8(cls, base: Int8Linear) -> "Int4Linear":
@@ -219,16 +229,17 @@ class Int4Linear:
         if rows > self.MAX_ROWS or rows == 0:
             return self.base(x)
         return _kernel_linear("int4", x, rows, n, self.MAX_ROWS, lambda x2, y: self.lib.q4_linear_f32(
-            x2, rows, k, self.packed.data_ptr(), self.scales.data_ptr(),
+            x2, rows, k, self.wblk.data_ptr(), self.dblk.data_ptr(),
             None if self.bias is None else self.bias.data_ptr(), n, y))
 
     def read_bytes(self) -> int:
         """A decode step reads the int4 copy, not the int8 fallback."""
-        return _nbytes(self.packed, self.scales, self.bias)
+        return _nbytes(self.wblk, self.dblk, self.bias)
 
     def rows(self, ids: torch.Tensor) -> "Int4Linear":
         """The same layer restricted to output rows ``ids`` (for a reduced LM head)."""
-        return Int4Linear(self.base.rows(ids), self.packed[ids].contiguous(), self.scales[ids].contiguous())
+        packed, scales = unblock_int4(self.wblk, self.dblk, self.out_features)
+        return Int4Linear(self.base.rows(ids), packed[ids].contiguous(), scales[ids].contiguous())
 
 
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,6 +255,29 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     half = Int4Linear.GROUP // 2
     packed = (u[..., :half] | (u[..., half:] << 4)).reshape(n, k // 2)
     return packed.contiguous(), scales.contiguous()
+
+
+def block_int4(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major int4 weights (:func:`quantize_int4`) -> the kernel's blocked layout (``kernels/q4.c``): blocks of
+    :attr:`Int4Linear.BLOCK` rows, each group's rows side by side, so a block is one sequential run of memory.
+    Weights uint8 ``[B, G, 4, 32]``, scales fp32 ``[B, G, 4]``; N is padded with zero rows to B whole blocks."""
+    n, half_k = packed.shape
+    groups, nb = half_k * 2 // Int4Linear.GROUP, Int4Linear.BLOCK
+    pad = -n % nb
+    p = F.pad(packed, (0, 0, 0, pad))  # [B * 4, K/2]
+    s = F.pad(scales, (0, 0, 0, pad))  # [B * 4, G]
+    blocks = p.shape[0] // nb
+    wblk = p.view(blocks, nb, groups, Int4Linear.GROUP // 2).transpose(1, 2).contiguous()  # [B, G, 4, 32]
+    dblk = s.view(blocks, nb, groups).transpose(1, 2).contiguous()  # [B, G, 4]
+    return wblk, dblk
+
+
+def unblock_int4(wblk: torch.Tensor, dblk: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`block_int4`: (packed ``[n, K/2]``, scales ``[n, G]``), row-major and contiguous."""
+    blocks, groups, nb, half_group = wblk.shape
+    packed = wblk.transpose(1, 2).reshape(blocks * nb, groups * half_group)[:n].contiguous()  # [N, K/2]
+    scales = dblk.transpose(1, 2).reshape(blocks * nb, groups)[:n].contiguous()  # [N, G]
+    return packed, scales
 
 
 def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
