@@ -63,6 +63,14 @@ static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, f
 #define Q4_PREFETCH 4096
 #define Q4_PREFETCH_L2 32768
 
+/* Both cache lines of the group Q4_PREFETCH bytes ahead into L1 and Q4_PREFETCH_L2 ahead into L2. */
+static inline void q4_prefetch(const uint8_t *pg) {
+    _mm_prefetch((const char *)pg + Q4_PREFETCH, _MM_HINT_T0);
+    _mm_prefetch((const char *)pg + Q4_PREFETCH + 64, _MM_HINT_T0);
+    _mm_prefetch((const char *)pg + Q4_PREFETCH_L2, _MM_HINT_T1);
+    _mm_prefetch((const char *)pg + Q4_PREFETCH_L2 + 64, _MM_HINT_T1);
+}
+
 /* y[m, n] for the block's last step: (sum of the 8 lanes - offset correction) * row scale (+ bias). */
 static inline float q4_output(__m256 acc, float corr, float xs, const float *bias, int64_t n) {
     const float v = (hsum_ps(acc) - corr) * xs;
@@ -91,10 +99,7 @@ static inline float q4_output(__m256 acc, float corr, float xs, const float *bia
             }                                                                                              \
         for (int64_t g = 0; g < G; ++g) {                                                                  \
             const uint8_t *pg = wb + g * Q4_GB;                                                            \
-            _mm_prefetch((const char *)pg + Q4_PREFETCH, _MM_HINT_T0);                                     \
-            _mm_prefetch((const char *)pg + Q4_PREFETCH + 64, _MM_HINT_T0);                                \
-            _mm_prefetch((const char *)pg + Q4_PREFETCH_L2, _MM_HINT_T1);                                  \
-            _mm_prefetch((const char *)pg + Q4_PREFETCH_L2 + 64, _MM_HINT_T1);                             \
+            q4_prefetch(pg);                                                                               \
             for (int j = 0; j < NB; ++j) {                                                                 \
                 const __m256i v = _mm256_loadu_si256((const __m256i *)(pg + (j0 + j) * 32));               \
                 const __m256i lo = _mm256_and_si256(v, low);                                               \
@@ -151,10 +156,7 @@ Q4_BLOCK(4, 2)
         }                                                                                                    \
         for (int64_t g = 0; g < G; ++g) {                                                                    \
             const uint8_t *pg = wb + g * Q4_GB;                                                              \
-            _mm_prefetch((const char *)pg + Q4_PREFETCH, _MM_HINT_T0);                                       \
-            _mm_prefetch((const char *)pg + Q4_PREFETCH + 64, _MM_HINT_T0);                                  \
-            _mm_prefetch((const char *)pg + Q4_PREFETCH_L2, _MM_HINT_T1);                                    \
-            _mm_prefetch((const char *)pg + Q4_PREFETCH_L2 + 64, _MM_HINT_T1);                               \
+            q4_prefetch(pg);                                                                                 \
             const __m512i w01 = _mm512_loadu_si512((const void *)pg);                                        \
             const __m512i w23 = _mm512_loadu_si512((const void *)(pg + 64));                                 \
             const __m512i lo01 = _mm512_and_si512(w01, low), hi01 = _mm512_and_si512(_mm512_srli_epi16(w01, 4), low); \
