@@ -104,7 +104,7 @@ def markdown(result: BenchResult, aggs: list[Aggregate]) -> str:
         f"(draft at {result.config['models'].get('draft_precision', result.config['models']['precision'])}), "
         f"{result.config.get('runtime', {}).get('runtime', 'sequential')} runtime for pearl/specbranch; "
         f"{speculation_line(result.config)}; "
-        f"torch {env['torch']}, {env['cpu_count']} CPUs ({env.get('processor', '?')}; int8 kernel: "
+        f"torch {env['torch']}, {env['cpu_count']} CPUs ({env.get('processor', '?')}; kernels: "
         f"{env.get('int8_kernel', '?')}), commit {env['git_commit']}, {env['time']}.",
         "",
         "| dataset | engine | tok/s (median) | speedup vs ar | mean accepted length | acceptance | rollback "

@@ -157,7 +157,7 @@ def unavailable() -> str | None:
 
 
 def code_in_use() -> str:
-    """Which code the int8 kernel runs here: "AVX-512 VNNI", "AVX2", or "none (<why>)"."""
+    """Which code the int8 and int4 kernels run here: "AVX-512 VNNI", "AVX2", or "none (<why>)"."""
     lib = optional_library()
     if lib is None:
         return f"none ({unavailable()})"
