@@ -176,6 +176,8 @@ Q4_BLOCK(4, 2)
                 corr[i] = _mm_add_ps(corr[i], _mm_mul_ps(d4, _mm_set1_ps(xc[i * G + g])));                   \
             }                                                                                                \
         }                                                                                                    \
+        float c[M][Q4_NB]; /* the corrections as scalars, once per block */                                 \
+        for (int i = 0; i < M; ++i) _mm_storeu_ps(c[i], corr[i]);                                            \
         for (int j = 0; j < Q4_NB; ++j) {                                                                    \
             const int64_t n = b * Q4_NB + j;                                                                 \
             if (n >= N) break;                                                                               \
@@ -183,9 +185,7 @@ Q4_BLOCK(4, 2)
                 const __m512 a = acc[i][j / 2];                                                              \
                 const __m256 half = j % 2 ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)) \
                                           : _mm512_castps512_ps256(a);                                       \
-                float c[4];                                                                                  \
-                _mm_storeu_ps(c, corr[i]);                                                                   \
-                y[i * N + n] = q4_output(half, c[j], xs[i], bias, n);                                        \
+                y[i * N + n] = q4_output(half, c[i][j], xs[i], bias, n);                                     \
             }                                                                                                \
         }                                                                                                    \
     }
