@@ -132,7 +132,8 @@ class SpeculationConfig:
                        "measured on the default pair (README, Performance)", default=0)
     branches: int = _help("specbranch: candidate tokens (k) forked at a branch point", default=3)
     tau: float = _help("specbranch: draft top-1 probability at or below which a block is cut and the "
-                       "position becomes a branch point (0 = never cut)", default=0.4)
+                       "position becomes a branch point (inline drafting: hedged where it lies; 0 = never)",
+                       default=0.4)
     draft_sampling: str = _help(
         "at temperature > 0: 'sample' drafts from q (verified by rejection sampling), 'greedy' drafts "
         "argmax/top-k tokens (verified by match sampling)",
@@ -143,8 +144,9 @@ class SpeculationConfig:
     drafting: str = _help(
         "specbranch: who ends a drafted block. confidence: the draft's top-1 <= tau; fixed: always gamma-1 "
         "tokens; hrad: the H-RAD classifier on target features; hybrid: H-RAD with the confidence cut for "
-        "uncertain rounds; auto: hybrid where an H-RAD predictor exists for the pair (one ships for the default "
-        "pair), else confidence",
+        "uncertain rounds; inline: never cut, fork k rows at the first position inside a block with top-1 <= tau "
+        "and draft on with all of them; auto: hybrid where an H-RAD predictor exists for the pair (one ships for "
+        "the default pair), else confidence",
         default="auto",
         choices=("auto", *DRAFTING),
     )

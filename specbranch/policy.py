@@ -18,7 +18,7 @@ def top1_confidence(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1).amax(dim=-1)
 
 
-DRAFTING = ("confidence", "fixed", "hrad", "hybrid")
+DRAFTING = ("confidence", "fixed", "hrad", "hybrid", "inline")
 
 
 def resolve_drafting(drafting: str, has_predictor: bool = False) -> str:
@@ -44,6 +44,11 @@ class DraftPolicy:
       surviving one is submitted: reject-soon -> none (branch right away), partial -> half,
       accept-all -> all.
     - ``hybrid`` (H-RAD + confidence): as ``hrad``, but *partial* submits up to the confidence cut.
+    - ``inline``: blocks are drafted in full, and the first position inside a block whose top-1
+      probability is ``<= tau`` is hedged where it lies instead of ending the block: the draft forks
+      ``branches`` rows there and keeps drafting all of them until that block is verified. A cut
+      makes a short round, and a round costs about the same whatever its length on a memory-bound
+      machine; a hedge costs only batch rows of the draft.
 
     At a branch point ``candidates(conf)`` forks ``branches`` rows when the draft's top-1
     probability is ``<= tau`` (or when H-RAD said reject-soon), else continues with one.
@@ -58,6 +63,10 @@ class DraftPolicy:
     def __post_init__(self) -> None:
         if self.mode not in DRAFTING:
             raise ValueError(f"unknown drafting mode {self.mode!r}; choose one of {', '.join(DRAFTING)}")
+
+    def hedge(self, conf: float) -> bool:
+        """Fork here, inside the block being drafted (``inline``: its top-1 probability is ``<= tau``)."""
+        return self.mode == "inline" and conf <= self.tau
 
     @property
     def uses_hrad(self) -> bool:

@@ -15,6 +15,8 @@ from specbranch.backend_hf import HFBackend
 from specbranch.config import GenerationConfig, SamplingConfig, SpeculationConfig
 from specbranch.engines import ENGINE_CLASSES, AREngine, generate
 from specbranch.engines import speculative
+from specbranch.engines.specbranch import SpecBranchEngine
+from specbranch.policy import DraftPolicy
 from specbranch.models.decoder import Decoder, DecoderConfig
 from specbranch.sampling import probs_from_logits
 from specbranch.verify import BranchVerdict, select_branch_sampled
@@ -307,3 +309,73 @@ def test_trace_collection_labels_full_blocks(greedy_pair):
     assert all(x.shape == (cfg.in_features,) and y in (0, 1, 2) for x, y in traces)
     assert {y for _, y in traces} >= {2}  # a close draft gets whole blocks accepted
     assert len(traces) < m.num_drafts  # the first round and rounds after a rollback have no label
+
+
+# ---------------------------------------------------------------- inline hedges: never change the output
+
+
+class AlwaysHedge(DraftPolicy):
+    """Inline drafting that never forks at the branch point and hedges the first position of every
+    block it drafts unforked: every other round carries a hedge, so its rare paths run often."""
+
+    def candidates(self, conf: float, force: bool = False) -> int:
+        return 1
+
+    def hedge(self, conf: float) -> bool:
+        return True
+
+
+def hedging(target, draft, spec, policy=None):
+    """A specbranch engine whose settle counts the rounds that verified a hedge and the swerves
+    (a hedge candidate other than the block's own token won)."""
+    engine = SpecBranchEngine(target, draft, spec, policy)
+    seen = Counter()
+    settle = engine.target_side.settle
+
+    def spy(proposal, logits):
+        verdict = settle(proposal, logits)
+        if proposal.alternatives:
+            seen["hedged"] += 1
+            seen["swerves"] += verdict.branch not in (None, 0)
+        return verdict
+
+    engine.target_side.settle = spy
+    return engine, seen
+
+
+@pytest.mark.parametrize("gamma,branches", [(2, 2), (3, 3), (5, 3)])
+def test_inline_hedges_equal_ar(greedy_pair, gamma, branches):
+    target_model, draft_model = greedy_pair
+    spec = SpeculationConfig(gamma=gamma, branches=branches, tau=0.15, drafting="inline")
+    always = AlwaysHedge(gamma, branches, 0.0, "inline")
+    ar_target = native(target_model)
+    for policy in (always, None):  # forced hedges; then the real rule (top-1 <= tau inside a block)
+        engine, seen = hedging(native(target_model), native(draft_model), spec, policy)
+        rescues = 0
+        for seed, length in itertools.product(range(3), (1, 4)):
+            prompt = torch.randint(0, 64, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+            got = run(engine, prompt, 40)
+            assert got.tokens == run(AREngine(ar_target), prompt, 40).tokens, (policy, seed, length)
+            rescues += got.metrics.num_branch_rescues
+        assert seen["hedged"] > 3 and seen["swerves"] > 0 and rescues >= seen["swerves"], (policy, seen)
+
+
+@pytest.mark.parametrize("draft_sampling", ["sample", "greedy"])  # rules C and B at the hedge
+def test_inline_hedges_keep_the_output_law(sampling_pair, draft_sampling):
+    target_model, draft_model = sampling_pair
+    spec = SpeculationConfig(gamma=3, branches=3, draft_sampling=draft_sampling, drafting="inline")
+    engine, seen = hedging(native(target_model), native(draft_model), spec, AlwaysHedge(3, 3, 0.0, "inline"))
+    sampling = SamplingConfig(temperature=1.0)
+    counts = sample_engine(engine, [1, 3], sampling, 5000)
+    assert seen["swerves"] > 200, seen  # the hedge decided often within the first STEPS tokens
+    assert_matches(counts, target_law(target_model, [1, 3], sampling), 5000)
+
+
+def test_inline_hedges_stop_anywhere(greedy_pair):
+    target_model, draft_model = greedy_pair
+    engine, seen = hedging(native(target_model), native(draft_model), SpeculationConfig(gamma=4, branches=3),
+                           AlwaysHedge(4, 3, 0.0, "inline"))
+    full = run(AREngine(native(target_model)), [4, 5], 30).tokens
+    for n in (1, 2, 3, 5, 8, 13):
+        assert run(engine, [4, 5], n).tokens == full[:n]
+    assert seen["hedged"] > 3

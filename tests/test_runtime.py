@@ -105,6 +105,36 @@ def test_parallel_equals_sequential_seed_for_seed(sequential, parallel, draft_sa
     assert len(outputs) > 3  # the seeds really drive the sampling
 
 
+def test_inline_hedges_are_the_same_in_both_runtimes(sequential, parallel, monkeypatch):
+    """The hedge's protocol (its index and candidates with the block, its rows' tokens the round
+    after) carries every path: same tokens as ar at T = 0 and seed for seed at T > 0, same swerves."""
+    from specbranch.engines.specbranch import TargetSide
+
+    swerves = []
+    settle = TargetSide.settle
+
+    def spy(self, proposal, logits):
+        verdict = settle(self, proposal, logits)
+        swerves.append(bool(proposal.alternatives) and verdict.branch not in (None, 0))
+        return verdict
+
+    monkeypatch.setattr(TargetSide, "settle", spy)
+    spec = SpeculationConfig(gamma=4, branches=3, tau=0.05, drafting="inline")
+    counts = []
+    for pipe in (sequential, parallel):
+        swerves.clear()
+        for prompt in PROMPTS:
+            got = gen(pipe, prompt, 30, "specbranch", spec)
+            assert got.tokens == gen(sequential, prompt, 30, "ar").tokens, (pipe.runtime.runtime, prompt)
+        counts.append(sum(swerves))
+    assert counts[0] == counts[1] > 0, counts
+    sampled = SpeculationConfig(gamma=3, branches=3, tau=0.05, drafting="inline")
+    for seed in range(3):
+        sampling = SamplingConfig(temperature=1.0, seed=seed)
+        assert gen(parallel, [5, 6, 7], 24, "specbranch", sampled, sampling).tokens == \
+            gen(sequential, [5, 6, 7], 24, "specbranch", sampled, sampling).tokens, seed
+
+
 def test_stops_anywhere_and_the_worker_stays_in_step(sequential, parallel):
     """Stopping after any token (mid-block, mid-round) and an exception in a callback both leave
     the worker ready for the next generation."""
@@ -133,6 +163,22 @@ def test_default_placement_gives_each_worker_its_own_core(parallel):
     before = os.sched_getaffinity(0), torch.get_num_threads()
     gen(parallel, [1], 3, "pearl")
     assert (os.sched_getaffinity(0), torch.get_num_threads()) == before  # the caller's setup is restored
+
+
+def test_proposals_survive_the_wire():
+    from specbranch.engines.specbranch import Proposal
+    from specbranch.runtime.messages import ChannelError, Counters, Message, decode_proposal, encode_proposal
+
+    cases = [Proposal([4], [[5, 6, 7]], None, [3]),
+             Proposal([4, 9, 2], [[5], [], [8, 8]], None, [1, 0, 1]),
+             Proposal([4], [[5, 6, 7]], None, [3], hedge=[1, 6, 11, 12]),
+             Proposal([4], [[5, 6]], None, [2], alternatives=[[1, 2, 3], []])]
+    for p in cases:
+        msg = encode_proposal(p, Counters(1, 2, 0.5, 0.25))
+        got, counters = decode_proposal(msg)
+        assert got == p and counters == Counters(1, 2, 0.5, 0.25)
+        with pytest.raises(ChannelError, match="malformed"):
+            decode_proposal(Message(msg.kind, msg.ints[:-1], extra=msg.extra))
 
 
 def test_placement_flags_are_checked():

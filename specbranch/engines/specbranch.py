@@ -18,6 +18,13 @@ otherwise the correction is committed and the draft starts over from it. Both si
 verdict to their own copy of the state. With an empty pending block the round is PEARL's
 pre-verify; with one it is post-verify.
 
+**Inline hedges** (``drafting="inline"``): instead of cutting a block at its first low-confidence
+position, the draft forks k rows *there* and drafts on with all of them; the block goes out whole
+with the hedge's index and candidates. The next round the target verifies that block with k
+candidates at the hedge, while the draft extends every row (row 0, the block's own, past the branch
+point). If another candidate wins at the hedge, its row's tokens become the pending block and the
+round that PEARL would spend on pre-verify after a rollback is saved.
+
 `SpecBranchEngine` drives both sides in one process, one after the other (the sequential runtime);
 :mod:`specbranch.runtime.parallel` drives the same two sides in two processes, concurrently.
 
@@ -68,6 +75,11 @@ class Proposal:
     blocks: list[list[int]]
     q: torch.Tensor | None = None
     cuts: list[int] | None = None  # per branch: its confidence cut (first position with top-1 <= tau)
+    # inline hedging: ``hedge`` = [i, candidates...] when block 0's position i forked there (the first
+    # candidate is the block's own token); ``alternatives[b - 1]``: the tokens drafted so far after
+    # candidate b of the hedge inside the *pending* block (they become the pending block if b wins)
+    hedge: list[int] | None = None
+    alternatives: list[list[int]] | None = None
 
     def size(self, b: int) -> int:
         return 1 + len(self.blocks[b])
@@ -104,14 +116,20 @@ class DraftSide(Side):
     def start(self, prompt: Sequence[int], sampling: SamplingConfig, rng: torch.Generator, metrics: Metrics) -> None:
         super().start(prompt, sampling, rng, metrics)
         self.pending: list[Position] = []
-        self.branches: Branches | None = None
+        self.branches: Branches | None = None  # this round's rows, forked at the branch point
+        self.hedge: Branches | None = None  # the rows forked at an inline hedge (DraftPolicy.hedge)
+        self.hedge_at: int | None = None  # the hedge's index in the pending block, once the block is pending
         self.force_branch = False  # the last verdict asked for k candidates at the next branch point
 
     def pending_tokens(self) -> list[int]:
         return self.committed + [pos.candidates[0] for pos in self.pending]
 
     def draft_round(self) -> Proposal:
-        """Branch at the position after the pending block and extend every branch."""
+        """Branch at the position after the pending block and extend every branch. While the
+        pending block holds an inline hedge, its rows are extended instead (row 0, the pending
+        block's own, drafts the branch point and the next block)."""
+        if self.hedge_at is not None:
+            return self._extend_hedge()
         lane, spec, policy = self.lane, self.speculator, self.policy
         logits = lane.feed(self.pending_tokens())[0]  # [V]: q at the branch point
         point = spec.candidates(logits, policy.candidates(float(top1_confidence(logits)), self.force_branch))
@@ -122,6 +140,7 @@ class DraftSide(Side):
         ends: list[list[torch.Tensor]] = [[] for _ in range(k)]
         cuts: list[int | None] = [None] * k
         done = [False] * k
+        self.hedge = None
         for step in range(policy.max_block() + 1):
             logits = lane.feed_rows(rows)  # [k, V]: q after each branch's last token
             conf = top1_confidence(logits).tolist()  # [k]
@@ -134,28 +153,92 @@ class DraftSide(Side):
                 if step == policy.max_block() or policy.cut(conf[b]):
                     done[b] = True
                     continue
+                if k == 1 and policy.hedge(conf[0]):
+                    # hedge here, inside the block: fork and draft every candidate's row to the round's end
+                    hedge = spec.candidates(logits[0], policy.branches)
+                    n = len(hedge.candidates)
+                    self.hedge = Branches(hedge, [[] for _ in range(n)], [[] for _ in range(n)])
+                    blocks[0].append(hedge)
+                    lane.fork(n)
+                    self._grow(self.hedge, policy.max_block() - step)
+                    blocks[0] += self.hedge.blocks[0]
+                    ends[0] += self.hedge.ends[0]
+                    done[0] = True
+                    break
                 blocks[b].append(spec.candidates(logits[b], 1))
                 rows[b] = blocks[b][-1].candidates[0]
             if all(done):
                 break
         self.branches = Branches(point, blocks, ends)
-        q = None
-        if spec.rule == "C":
-            q = torch.stack([pos.q for pos in self.pending] + [point.q])  # [n+1, V]
-        return Proposal(list(point.candidates), [[pos.candidates[0] for pos in blk] for blk in blocks], q,
-                        [len(blk) if c is None else min(c, len(blk)) for blk, c in zip(blocks, cuts)])
+        hedge = None
+        if self.hedge is not None:  # [its index in block 0, its candidates]
+            at = next(i for i, pos in enumerate(blocks[0]) if pos is self.hedge.point)
+            hedge = [at, *self.hedge.point.candidates]
+        return Proposal(list(point.candidates), [[pos.candidates[0] for pos in blk] for blk in blocks], self._q(point),
+                        [len(blk) if c is None else min(c, len(blk)) for blk, c in zip(blocks, cuts)], hedge)
+
+    def _extend_hedge(self) -> Proposal:
+        """A round while the pending block holds an inline hedge: every hedge row drafts on. Row 0
+        runs past the pending block: the branch point (one candidate: the cache is forked already)
+        and the next block."""
+        spec, hedge = self.speculator, self.hedge
+        for b, blk in enumerate(hedge.blocks):
+            blk.append(spec.candidates(hedge.ends[b][-1], 1))
+        point = hedge.blocks[0][-1]
+        self._grow(hedge, self.policy.max_block() + 1)
+        block = hedge.blocks[0][len(hedge.blocks[0]) - self.policy.max_block():]
+        alternatives = [[pos.candidates[0] for pos in blk] for blk in hedge.blocks[1:]]
+        return Proposal(list(point.candidates), [[pos.candidates[0] for pos in block]], self._q(point),
+                        alternatives=alternatives)
+
+    def _grow(self, rows: Branches, feeds: int) -> None:
+        """Feed every row of ``rows`` its next token ``feeds`` times (one batched forward each),
+        drafting each row's next token after every feed but the last."""
+        for step in range(feeds):
+            tokens = [([rows.point.candidates[b]] + [p.candidates[0] for p in blk])[len(rows.ends[b])]
+                      for b, blk in enumerate(rows.blocks)]
+            logits = self.lane.feed_rows(tokens)  # [rows, V]
+            for b, blk in enumerate(rows.blocks):
+                rows.ends[b].append(logits[b])
+                if step < feeds - 1:
+                    blk.append(self.speculator.candidates(logits[b], 1))
+
+    def _q(self, point: Position) -> torch.Tensor | None:
+        """Rule C: the draft distributions at the pending positions and the branch point ``[n+1, V]``."""
+        if self.speculator.rule != "C":
+            return None
+        return torch.stack([pos.q for pos in self.pending] + [point.q])
 
     def apply(self, verdict: Verdict) -> None:
         """Commit the verdict's tokens; keep the surviving branch (as the pending block) or roll back."""
-        br = self.branches
         self.committed += verdict.tokens
         self.force_branch = verdict.force_branch
         if verdict.branch is None:  # the lane re-syncs to the correction next round
-            self.pending = []
+            self.pending, self.hedge, self.hedge_at = [], None, None
             return
-        b = verdict.branch
+        b, hedge = verdict.branch, self.hedge
+        if self.hedge_at is not None:  # the pending block's hedge is settled: row b survives
+            keep = verdict.keep
+            if b == 0:  # past the hedge: the rest of the old pending block, the branch point, then `keep`
+                keep += len(self.pending) - self.hedge_at
+            self.lane.select(b, keep=1 + keep, last_logits=hedge.ends[b][keep])
+            self.pending = hedge.blocks[b][keep - verdict.keep : keep]
+            self.hedge = self.hedge_at = None
+            return
+        br = self.branches
+        block = br.blocks[b][: verdict.keep]
+        if hedge is not None:
+            at = next(i for i, pos in enumerate(br.blocks[b]) if pos is hedge.point)
+            if verdict.keep == len(br.blocks[b]):  # the whole block is pending, hedge included: stay forked
+                self.pending, self.hedge_at = block, at
+                return
+            # the target kept less (TargetSide.settle drops the hedge then too): drop its rows
+            self.lane.unfork()
+            self.hedge = None
+            self.pending = [Position(pos.candidates[:1], pos.q) if i == at else pos for i, pos in enumerate(block)]
+            return
         self.lane.select(b, keep=1 + verdict.keep, last_logits=br.ends[b][verdict.keep])
-        self.pending = br.blocks[b][: verdict.keep]
+        self.pending = block
 
 
 class TargetSide(Side):
@@ -185,6 +268,7 @@ class TargetSide(Side):
     def start(self, prompt: Sequence[int], sampling: SamplingConfig, rng: torch.Generator, metrics: Metrics) -> None:
         super().start(prompt, sampling, rng, metrics)
         self.pending: list[int] = []
+        self.hedge: tuple[int, list[int]] | None = None  # the pending block's inline hedge: (index, candidates)
         self.features: torch.Tensor | None = None  # H-RAD features of the last round, awaiting a label
 
     def target_round(self) -> torch.Tensor:
@@ -192,26 +276,45 @@ class TargetSide(Side):
         return self.lane.feed(self.committed + self.pending, rows=len(self.pending) + 1)
 
     def settle(self, proposal: Proposal, logits: torch.Tensor) -> Verdict:
-        """Verify the pending block and the branch point against ``logits [n+1, V]``."""
+        """Verify the pending block (with its inline hedge, if any) and the branch point against
+        ``logits [n+1, V]``."""
         n = len(self.pending)
         q = None if proposal.q is None else proposal.q.to(logits.device)  # [n+1, V] under rule C
         if (q is None) != (self.speculator.rule != "C") or (q is not None and q.shape[0] != n + 1):
             raise ValueError(f"proposal q rows {None if q is None else tuple(q.shape)} do not fit rule "
                              f"{self.speculator.rule} with {n} pending tokens")
+        hedge, self.hedge = self.hedge, None
+        alternatives = proposal.alternatives or []
+        if len(alternatives) != (0 if hedge is None else len(hedge[1]) - 1):
+            raise ValueError(f"proposal has {len(alternatives)} hedge rows; the pending block's hedge "
+                             f"{hedge} needs one per candidate after the first")
         positions = [Position([tok], None if q is None else q[i]) for i, tok in enumerate(self.pending)]
+        if hedge is not None:
+            positions[hedge[0]] = Position(hedge[1], positions[hedge[0]].q)
         positions.append(Position(proposal.candidates, None if q is None else q[n]))
         out = self.speculator.verify(positions, logits)
         hit = out.num_accepted == n + 1
+        swerve = not hit and bool(out.branch)  # the hedge's candidate `out.branch` won inside the block
         kept = out.branch if hit else 0  # for the counts: PEARL's single branch is branch 0
         m = self.metrics
         discarded = 0 if hit else (n - out.num_accepted) + proposal.size(0)
         m.record_verification(n + 1, out.num_accepted, proposal.size(kept), discarded, len(out.tokens))
         m.branch_rollback_tokens += sum(proposal.size(b) for b in range(len(proposal.blocks)) if b != kept)
+        m.branch_rollback_tokens += sum(1 + len(alt) for b, alt in enumerate(alternatives, 1)
+                                        if not (swerve and b == out.branch))
         if len(proposal.blocks) > 1 and out.num_accepted >= n:  # the branch point itself was reached
             m.num_branch_points += 1
             m.num_branch_hits += hit
+        if hedge is not None and out.num_accepted >= hedge[0]:  # the hedge was reached
+            m.num_branch_points += 1
+            m.num_branch_hits += out.num_accepted > hedge[0]
+        m.num_branch_rescues += bool(kept) or swerve
         self.committed += out.tokens
         self._trace(n, out.num_accepted)
+        if swerve:  # the hedge row's tokens become the pending block
+            keep = min(len(alternatives[out.branch - 1]), self.policy.max_block())
+            self.pending = list(alternatives[out.branch - 1][:keep])
+            return Verdict(out.tokens, out.branch, keep)
         if not hit:
             self.pending = []
             return Verdict(out.tokens, None)
@@ -224,6 +327,8 @@ class TargetSide(Side):
                 cls = self.predictor.predict(self.features)
         keep = self.policy.keep(len(block), proposal.cut(kept), cls)
         self.pending = list(block[:keep])
+        if proposal.hedge is not None and keep == len(block):  # DraftSide.apply keeps its rows then, too
+            self.hedge = (proposal.hedge[0], proposal.hedge[1:])
         return Verdict(out.tokens, kept, keep, cls == 0)
 
     def _trace(self, n: int, accepted: int) -> None:

@@ -47,7 +47,7 @@ class Position:
 class Outcome:
     """What verifying a list of positions fixed: ``tokens`` to commit (accepted drafts then the
     correction or the selected candidate), how many positions were accepted, and the branch chosen
-    at the last position when every position was accepted."""
+    at the last accepted position."""
 
     tokens: list[int] = field(default_factory=list)
     num_accepted: int = 0
@@ -101,8 +101,10 @@ class Speculator:
     # -- target side ---------------------------------------------------------------------------
     def verify(self, positions: list[Position], target_logits: torch.Tensor, bonus: bool = False) -> Outcome:
         """Verify ``positions`` left to right against target logits ``[len(positions) (+1), V]``;
-        stop at the first position where no candidate survives. With ``bonus`` (classic SD) an
-        extra token is drawn from the last row when every position was accepted."""
+        stop at the first position where no candidate survives, or where a candidate other than the
+        first survives before the last position (an inline hedge: the later positions followed the
+        first). With ``bonus`` (classic SD) an extra token is drawn from the last row when every
+        position was accepted."""
         out = Outcome()
         for i, pos in enumerate(positions):
             verdict = self._select(pos, target_logits[i])
@@ -111,6 +113,8 @@ class Speculator:
                 return out
             out.num_accepted += 1
             out.branch = verdict.branch
+            if verdict.branch and i < len(positions) - 1:
+                return out  # an inline hedge's other row takes over: later positions are row 0's
         if bonus:
             out.tokens.append(self.next_token(target_logits[len(positions)]))
         return out

@@ -225,25 +225,38 @@ def decode_start(msg: Message) -> StartRequest:
 
 
 def encode_proposal(p: Proposal, counters: Counters) -> Message:
-    # ints: [k, candidates (k), block lengths (k), confidence cuts (k), block tokens (sum of lengths)]
+    # ints: [k, candidates (k), block lengths (k), confidence cuts (k), block tokens (sum of lengths),
+    #        len(hedge), hedge ([index, candidates] or none), a = number of alternatives,
+    #        alternative lengths (a), alternative tokens]
     k = len(p.candidates)
+    hedge, alts = p.hedge or [], p.alternatives or []
     ints = [k, *p.candidates, *(len(b) for b in p.blocks), *(p.cut(b) for b in range(k)),
-            *(t for b in p.blocks for t in b)]
+            *(t for b in p.blocks for t in b), len(hedge), *hedge, len(alts), *(len(a) for a in alts),
+            *(t for a in alts for t in a)]
     return Message(Kind.PROPOSAL, ints, q=p.q, extra=counters.extra())
 
 
 def decode_proposal(msg: Message) -> tuple[Proposal, Counters]:
-    ints = msg.ints
-    k = ints[0]
-    candidates, lengths, cuts = ints[1 : 1 + k], ints[1 + k : 1 + 2 * k], ints[1 + 2 * k : 1 + 3 * k]
-    tokens = ints[1 + 3 * k :]
-    if len(lengths) != k or sum(lengths) != len(tokens):
-        raise ChannelError(f"protocol error: malformed proposal {ints}")
-    blocks, at = [], 0
-    for n in lengths:
-        blocks.append(tokens[at : at + n])
+    ints, at = msg.ints, 0
+
+    def take(n: int) -> list[int]:
+        nonlocal at
+        if n < 0 or at + n > len(ints):
+            raise ChannelError(f"protocol error: malformed proposal {ints}")
         at += n
-    return Proposal(candidates, blocks, msg.q, cuts), Counters.from_extra(msg.extra)
+        return ints[at - n : at]
+
+    def split(lengths: list[int]) -> list[list[int]]:
+        return [take(n) for n in lengths]
+
+    k = take(1)[0]
+    candidates, lengths, cuts = take(k), take(k), take(k)
+    blocks = split(lengths)
+    hedge = take(take(1)[0]) or None
+    alternatives = split(take(take(1)[0])) or None
+    if at != len(ints):
+        raise ChannelError(f"protocol error: malformed proposal {ints}")
+    return Proposal(candidates, blocks, msg.q, cuts, hedge, alternatives), Counters.from_extra(msg.extra)
 
 
 def encode_verdict(v: Verdict) -> Message:
