@@ -155,10 +155,10 @@ class DraftSide(Side):
                     continue
                 if k == 1 and policy.hedge(conf[0]):
                     # hedge here, inside the block: fork and draft every candidate's row to the round's end
-                    hedge = spec.candidates(logits[0], policy.branches)
-                    n = len(hedge.candidates)
-                    self.hedge = Branches(hedge, [[] for _ in range(n)], [[] for _ in range(n)])
-                    blocks[0].append(hedge)
+                    fork = spec.candidates(logits[0], policy.branches)
+                    n = len(fork.candidates)
+                    self.hedge = Branches(fork, [[] for _ in range(n)], [[] for _ in range(n)])
+                    blocks[0].append(fork)
                     lane.fork(n)
                     self._grow(self.hedge, policy.max_block() - step)
                     blocks[0] += self.hedge.blocks[0]
@@ -172,8 +172,7 @@ class DraftSide(Side):
         self.branches = Branches(point, blocks, ends)
         hedge = None
         if self.hedge is not None:  # [its index in block 0, its candidates]
-            at = next(i for i, pos in enumerate(blocks[0]) if pos is self.hedge.point)
-            hedge = [at, *self.hedge.point.candidates]
+            hedge = [self._hedge_index(blocks[0]), *self.hedge.point.candidates]
         return Proposal(list(point.candidates), [[pos.candidates[0] for pos in blk] for blk in blocks], self._q(point),
                         [len(blk) if c is None else min(c, len(blk)) for blk, c in zip(blocks, cuts)], hedge)
 
@@ -203,6 +202,10 @@ class DraftSide(Side):
                 if step < feeds - 1:
                     blk.append(self.speculator.candidates(logits[b], 1))
 
+    def _hedge_index(self, block: list[Position]) -> int:
+        """Where the hedge lies in ``block``: the block ends with the hedge and its row 0's tokens."""
+        return len(block) - 1 - len(self.hedge.blocks[0])
+
     def _q(self, point: Position) -> torch.Tensor | None:
         """Rule C: the draft distributions at the pending positions and the branch point ``[n+1, V]``."""
         if self.speculator.rule != "C":
@@ -226,19 +229,11 @@ class DraftSide(Side):
             self.hedge = self.hedge_at = None
             return
         br = self.branches
-        block = br.blocks[b][: verdict.keep]
-        if hedge is not None:
-            at = next(i for i, pos in enumerate(br.blocks[b]) if pos is hedge.point)
-            if verdict.keep == len(br.blocks[b]):  # the whole block is pending, hedge included: stay forked
-                self.pending, self.hedge_at = block, at
-                return
-            # the target kept less (TargetSide.settle drops the hedge then too): drop its rows
-            self.lane.unfork()
-            self.hedge = None
-            self.pending = [Position(pos.candidates[:1], pos.q) if i == at else pos for i, pos in enumerate(block)]
+        self.pending = br.blocks[b][: verdict.keep]
+        if hedge is not None:  # the block with the hedge is pending now, whole: its rows stay forked
+            self.hedge_at = self._hedge_index(self.pending)
             return
         self.lane.select(b, keep=1 + verdict.keep, last_logits=br.ends[b][verdict.keep])
-        self.pending = block
 
 
 class TargetSide(Side):
@@ -327,7 +322,10 @@ class TargetSide(Side):
                 cls = self.predictor.predict(self.features)
         keep = self.policy.keep(len(block), proposal.cut(kept), cls)
         self.pending = list(block[:keep])
-        if proposal.hedge is not None and keep == len(block):  # DraftSide.apply keeps its rows then, too
+        if proposal.hedge is not None:  # verified next round, with its candidates (DraftSide keeps its rows)
+            if keep != len(block):
+                raise RuntimeError(f"kept {keep} of a hedged block's {len(block)} tokens: a drafting mode "
+                                   "that hedges must submit whole blocks")
             self.hedge = (proposal.hedge[0], proposal.hedge[1:])
         return Verdict(out.tokens, kept, keep, cls == 0)
 
