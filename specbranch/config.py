@@ -145,8 +145,8 @@ class SpeculationConfig:
         "specbranch: who ends a drafted block. confidence: the draft's top-1 <= tau; fixed: always gamma-1 "
         "tokens; hrad: the H-RAD classifier on target features; hybrid: H-RAD with the confidence cut for "
         "uncertain rounds; inline: never cut, fork k rows at the first position inside a block with top-1 <= tau "
-        "and draft on with all of them (measured at --tau 0.8 --branches 2; README, Performance); auto: hybrid where an H-RAD predictor exists for the pair (one ships for "
-        "the default pair), else confidence",
+        "and draft on with all of them (measured at --tau 0.8 --branches 2; README, Performance); auto: hybrid "
+        "where an H-RAD predictor exists for the pair (one ships for the default pair), else confidence",
         default="auto",
         choices=("auto", *DRAFTING),
     )

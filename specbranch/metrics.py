@@ -26,7 +26,8 @@ class Metrics:
     branch_rollback_tokens: int = 0  # tokens of branches that were not selected
     num_branch_points: int = 0
     num_branch_hits: int = 0  # the target's token was one of the k candidates
-    num_branch_rescues: int = 0  # hits on a candidate other than the draft's first: a single chain would have rolled back
+    # hits on a candidate other than the draft's first: rounds a single chain would have rolled back
+    num_branch_rescues: int = 0
     target_busy_s: float = 0.0  # time in target forwards
     draft_busy_s: float = 0.0  # time in draft forwards
     # Time each worker spent waiting for the other ("mutual waiting bubbles"). Parallel runtime:

@@ -140,7 +140,6 @@ class DraftSide(Side):
         ends: list[list[torch.Tensor]] = [[] for _ in range(k)]
         cuts: list[int | None] = [None] * k
         done = [False] * k
-        self.hedge = None
         for step in range(policy.max_block() + 1):
             logits = lane.feed_rows(rows)  # [k, V]: q after each branch's last token
             conf = top1_confidence(logits).tolist()  # [k]
@@ -192,10 +191,10 @@ class DraftSide(Side):
 
     def _grow(self, rows: Branches, feeds: int) -> None:
         """Feed every row of ``rows`` its next token ``feeds`` times (one batched forward each),
-        drafting each row's next token after every feed but the last."""
+        drafting each row's next token after every feed but the last. A row's one unfed token is
+        always its last: its candidate before the first feed, then what was drafted last."""
         for step in range(feeds):
-            tokens = [([rows.point.candidates[b]] + [p.candidates[0] for p in blk])[len(rows.ends[b])]
-                      for b, blk in enumerate(rows.blocks)]
+            tokens = [blk[-1].candidates[0] if blk else rows.point.candidates[b] for b, blk in enumerate(rows.blocks)]
             logits = self.lane.feed_rows(tokens)  # [rows, V]
             for b, blk in enumerate(rows.blocks):
                 rows.ends[b].append(logits[b])
