@@ -39,6 +39,9 @@ class Backend(Protocol):
 
     def select(self, b: int) -> None: ...
 
+    def weight_bytes(self) -> int:
+        """Bytes of weights one forward streams from memory: on a CPU the cost of a decode step."""
+
 
 def prefill(backend: Backend, tokens: Sequence[int], hidden_layers: tuple[int, ...] = ()) -> ForwardOutput:
     """Reset the cache and run the prompt; returns the last position's output only."""
@@ -80,3 +83,6 @@ class NativeBackend:
 
     def select(self, b: int) -> None:
         self.cache.select(b)
+
+    def weight_bytes(self) -> int:
+        return self.decoder.read_bytes()

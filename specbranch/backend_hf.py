@@ -31,6 +31,9 @@ class HFBackend:
         self._rows = 1
         self._trunk = 0  # trunk length at the last fork
 
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+
     def _layers(self):
         return [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None]
 

@@ -195,6 +195,15 @@ class Pipeline:
         """The model configuration with the draft precision resolved (what a report should state)."""
         return {**asdict(self.cfg), "draft_precision": self.draft_precision}
 
+    def weight_bytes(self) -> dict[str, int | None]:
+        """Bytes of weights one forward of each model streams (the draft's as its worker loaded it)."""
+        draft = None
+        if self.worker is not None:
+            draft = self.worker.weight_bytes
+        elif self.draft is not None:
+            draft = self.draft.backend.weight_bytes()
+        return {"target": self.target.backend.weight_bytes(), "draft": draft}
+
     def precision_line(self) -> str:
         """e.g. ``int8 (draft int4)``."""
         draft = self.draft_precision or self.cfg.precision

@@ -104,6 +104,7 @@ def test_bench_on_the_tiny_pair(tiny_pair, tmp_path):
     assert aggs[("d", "sd")].mismatches == 0 and aggs[("d", "sd")].mean_accepted_length >= 1.0
     md, plots = write_report(result, tmp_path / "out")
     assert "| d | specbranch |" in md and "0/4" in md
+    assert result.config["weight_bytes"]["draft"] > 0 and aggs[("d", "sd")].weight_gb_per_token > 0
     from specbranch.kernels import code_in_use, cpu_model
 
     assert f"({cpu_model()}; kernels: {code_in_use()})" in md  # kernel speeds differ between CPUs: say which ran
@@ -113,26 +114,48 @@ def test_bench_on_the_tiny_pair(tiny_pair, tmp_path):
     assert [p.name for p in plots] == ["speedup.png", "accepted_length.png"] and all(p.stat().st_size > 1000 for p in plots)
 
 
+def test_weights_read_count_every_decode_forward_once():
+    from specbranch.bench.runner import BenchResult, Run
+
+    def run(engine, tokens, tok_s, **counts):
+        idle = {"target_idle_fraction": 0.0, "draft_idle_fraction": 0.0}
+        return Run("d", "p0", engine, 0, [], "", {"new_tokens": tokens, "tokens_per_s": tok_s, **idle, **counts})
+
+    runs = [run("ar", 10, 5.0, target_forwards=11, draft_forwards=0, branch_forwards=0),
+            # prefill + 3 verifications; draft prefill + 12 steps + 2 batched branch steps
+            run("sd", 12, 6.0, target_forwards=4, draft_forwards=13, branch_forwards=2),
+            run("sd", 8, 4.0, target_forwards=3, draft_forwards=9, branch_forwards=0),
+            run("hf-assisted", 10, 3.0)]
+    result = BenchResult({"weight_bytes": {"target": 2e9, "draft": 1e8}}, {}, runs)
+    aggs = {a.engine: a for a in aggregate(result)}
+    assert aggs["ar"].weight_gb_per_token == pytest.approx(2.0) and aggs["ar"].weight_gb_per_s == pytest.approx(10.0)
+    gb = (3 * 2 + 14 * 0.1) + (2 * 2 + 8 * 0.1)  # each model's prefill is not decoding
+    assert aggs["sd"].weight_gb_per_token == pytest.approx(gb / 20)
+    assert aggs["sd"].weight_gb_per_s == pytest.approx(gb / (12 / 6.0 + 8 / 4.0))
+    assert aggs["hf-assisted"].weight_gb_per_token is None  # its own weights: not counted
+    older = BenchResult({}, {}, runs)  # results.json from before the sizes were recorded
+    assert all(a.weight_gb_per_token is None for a in aggregate(older))
+
+
 def test_roofline_counts_only_the_rows_a_reduced_draft_head_reads(tiny_pair):
-    from specbranch.bench.roofline import roofline, weight_bytes_per_token
+    from specbranch.bench.roofline import roofline
     from specbranch.pipeline import load_model
 
     full, reduced = (load_model(str(tiny_pair["draft"]), ModelConfig(draft_vocab=n), progress=False, vocab_subset=n)
                      for n in (0, 20))
     head = full.backend.decoder.lm_head
     saved = (head.out_features - len(reduced.backend.decoder.lm_head.ids)) * head.qweight.shape[1]
-    assert weight_bytes_per_token(full) - weight_bytes_per_token(reduced) >= saved > 0
+    assert full.backend.weight_bytes() - reduced.backend.weight_bytes() >= saved > 0
     lines = roofline(ModelConfig(target=str(tiny_pair["target"]), draft=str(tiny_pair["draft"]), draft_vocab=20),
                      num_prompts=1, tokens=4)
     assert "bandwidth bound" in lines[-2] and lines[-1].startswith("draft/target per-token cost")
 
 
 def test_roofline_counts_the_int4_bytes_of_an_int4_draft(tiny_pair):
-    from specbranch.bench.roofline import weight_bytes_per_token
     from specbranch.pipeline import load_model
 
     int8, int4 = (load_model(str(tiny_pair["draft"]), ModelConfig(), progress=False, precision=p) for p in ("int8", "int4"))
     assert int4.backend.decoder.precision == "int4"
     qkv8, qkv4 = int8.backend.decoder.layers[0].qkv, int4.backend.decoder.layers[0].qkv
     saved = qkv8.qweight.numel() - (qkv4.packed.numel() + qkv4.scales.numel() * 4)
-    assert saved > 0 and weight_bytes_per_token(int8) - weight_bytes_per_token(int4) >= saved
+    assert saved > 0 and int8.backend.weight_bytes() - int4.backend.weight_bytes() >= saved

@@ -165,6 +165,12 @@ def test_default_placement_gives_each_worker_its_own_core(parallel):
     assert (os.sched_getaffinity(0), torch.get_num_threads()) == before  # the caller's setup is restored
 
 
+def test_the_worker_reports_what_its_draft_streams(sequential, parallel):
+    # the benchmark's weights-read column counts draft forwards at the bytes the worker's model reads
+    assert parallel.weight_bytes() == sequential.weight_bytes()
+    assert sequential.weight_bytes()["draft"] == sequential.draft.backend.decoder.read_bytes() > 0
+
+
 def test_proposals_survive_the_wire():
     from specbranch.engines.specbranch import Proposal
     from specbranch.runtime.messages import ChannelError, Counters, Message, decode_proposal, encode_proposal

@@ -33,6 +33,10 @@ class Aggregate:
     draft_idle: float | None
     mismatches: int | None  # T = 0: runs whose tokens differ from ar's
     pass_at_1: float | None
+    # Weights streamed from memory while decoding (prefill excluded), pooled: per committed token, and per
+    # second of decoding. On a CPU whose cores share one memory bus, the first decides the speed.
+    weight_gb_per_token: float | None = None
+    weight_gb_per_s: float | None = None
 
 
 def speculation_line(config: dict) -> str:
@@ -50,6 +54,28 @@ def _pooled(runs: list[Run], num: str, den: str) -> float:
     return sum(r.metrics.get(num, 0) for r in runs) / d if d else 0.0
 
 
+def _weight_bytes(run: Run, sizes: dict) -> float | None:
+    """Bytes of weights ``run`` streamed while decoding: every forward after the prefill reads its model's
+    weights once, whatever its rows (a verified block, k branch rows)."""
+    m, target, draft = run.metrics, sizes.get("target"), sizes.get("draft")
+    if run.engine == "hf-assisted" or not target or "target_forwards" not in m:
+        return None
+    steps = m.get("draft_forwards", 0) + m.get("branch_forwards", 0)
+    if steps and not draft:
+        return None
+    return (m["target_forwards"] - 1) * target + max(steps - 1, 0) * (draft or 0)  # - 1: each model's prefill
+
+
+def _weight_rates(runs: list[Run], sizes: dict) -> tuple[float | None, float | None]:
+    """(GB per committed token, GB per second of decoding), pooled over ``runs``."""
+    read = [_weight_bytes(r, sizes) for r in runs]
+    if not runs or any(b is None for b in read):
+        return None, None
+    tokens = sum(r.metrics["new_tokens"] for r in runs)
+    seconds = sum(r.metrics["new_tokens"] / r.tokens_per_s for r in runs if r.tokens_per_s)
+    return (sum(read) / 1e9 / tokens if tokens else None), (sum(read) / 1e9 / seconds if seconds else None)
+
+
 def aggregate(result: BenchResult) -> list[Aggregate]:
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     ar: dict[tuple[str, str, int], float] = {}
@@ -65,6 +91,7 @@ def aggregate(result: BenchResult) -> list[Aggregate]:
         forwards = sum(r.metrics.get("target_forwards", 0) - 1 for r in runs)
         checked = [r for r in runs if r.matches_ar is not None]
         graded = [r for r in runs if r.passed is not None]
+        per_token, per_s = _weight_rates(runs, result.config.get("weight_bytes", {}))
         idle = lambda key: statistics.median(r.metrics[key] for r in runs) if native and engine != "ar" else None  # noqa: E731
         out.append(Aggregate(
             dataset=dataset,
@@ -82,14 +109,16 @@ def aggregate(result: BenchResult) -> list[Aggregate]:
             draft_idle=idle("draft_idle_fraction"),
             mismatches=sum(not r.matches_ar for r in checked) if checked else None,
             pass_at_1=sum(r.passed for r in graded) / len(graded) if graded else None,
+            weight_gb_per_token=per_token,
+            weight_gb_per_s=per_s,
         ))
     return out
 
 
-def _fmt(x: float | None, pct: bool = False) -> str:
+def _fmt(x: float | None, pct: bool = False, unit: str = "", digits: int = 2) -> str:
     if x is None or x != x:  # None or NaN
         return "–"
-    return f"{x:.1%}" if pct else f"{x:.2f}"
+    return f"{x:.1%}" if pct else f"{x:.{digits}f}{unit}"
 
 
 def markdown(result: BenchResult, aggs: list[Aggregate]) -> str:
@@ -108,8 +137,9 @@ def markdown(result: BenchResult, aggs: list[Aggregate]) -> str:
         f"{env.get('int8_kernel', '?')}), commit {env['git_commit']}, {env['time']}.",
         "",
         "| dataset | engine | tok/s (median) | speedup vs ar | mean accepted length | acceptance | rollback "
-        "| branch hits | target idle | draft idle | mismatches vs ar | pass@1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| branch hits | target idle | draft idle | weights read per token | weight read rate | mismatches vs ar "
+        "| pass@1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in aggs:
         lines.append(
@@ -117,10 +147,13 @@ def markdown(result: BenchResult, aggs: list[Aggregate]) -> str:
             f"| {_fmt(a.acceptance_rate, True) if a.engine not in ('ar', 'hf-assisted') else '–'} "
             f"| {_fmt(a.rollback_rate, True) if a.engine not in ('ar', 'hf-assisted') else '–'} "
             f"| {_fmt(a.branch_hit_rate, True)} | {_fmt(a.target_idle, True)} | {_fmt(a.draft_idle, True)} "
+            f"| {_fmt(a.weight_gb_per_token, unit=' GB', digits=3)} | {_fmt(a.weight_gb_per_s, unit=' GB/s', digits=1)} "
             f"| {'–' if a.mismatches is None else f'{a.mismatches}/{a.runs}'} | {_fmt(a.pass_at_1, True)} |"
         )
     lines += ["", "Speedup: median over prompts of engine tok/s ÷ ar tok/s on the same prompt in this run. "
-              "Rates are pooled over the dataset's runs. hf-assisted is transformers' generate with its own "
+              "Rates are pooled over the dataset's runs. Weights read: the bytes of weights every decode forward "
+              "streams (one read per forward, whatever its rows), per committed token and per second of decoding; "
+              "where both models share one memory bus the first decides the order of the engines. hf-assisted is transformers' generate with its own "
               "weights at --hf-precision (int8 there is torch dynamic quantization, numerically another model), so "
               "its mismatches against our ar measure that difference, not a loss in speculation."]
     return "\n".join(lines) + "\n"

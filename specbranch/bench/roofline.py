@@ -31,17 +31,6 @@ def read_bandwidth(gb: float = 1.0, repeats: int = 5) -> float:
     return x.numel() * 4 / best
 
 
-def weight_bytes_per_token(model: LoadedModel) -> int:
-    """Bytes one decode step must read: every linear's weights (int4 or int8 + scales, or dense) and
-    the norms; the embedding table contributes one row."""
-    dec = model.backend.decoder
-    total = dec.embed.shape[1] * dec.embed.element_size() + dec.norm.numel() * dec.norm.element_size()
-    total += sum(lin.read_bytes() for lin in dec.linears().values())
-    for layer in dec.layers:
-        total += (layer.ln_attn.numel() + layer.ln_mlp.numel()) * layer.ln_attn.element_size()
-    return total
-
-
 @dataclass
 class Speed:
     name: str
@@ -64,11 +53,7 @@ def ar_speed(model: LoadedModel, pipe: Pipeline, prompts: list[str], tokens: int
                          SamplingConfig(), eos_ids=())
             times.append(r.metrics.decode_time_s / r.metrics.new_tokens)
     ms = statistics.median(times) * 1e3
-    if not hasattr(model.backend, "decoder"):  # transformers backend: count its parameters' bytes
-        params = model.backend.model.parameters()
-        gb = sum(p.numel() * p.element_size() for p in params) / 1e9
-    else:
-        gb = weight_bytes_per_token(model) / 1e9
+    gb = model.backend.weight_bytes() / 1e9
     return Speed(model.name, ms, 1e3 / ms, gb, gb * 1e9 / bw * 1e3)
 
 

@@ -93,7 +93,8 @@ class Bench:
         datasets = [load_prompts(d, b.num_prompts) for d in b.dataset_list]
         result = BenchResult(
             config={"bench": asdict(b), "sampling": asdict(self.sampling), "speculation": asdict(self.spec),
-                    "models": self.pipe.model_settings(), "runtime": asdict(self.pipe.runtime)},
+                    "models": self.pipe.model_settings(), "runtime": asdict(self.pipe.runtime),
+                    "weight_bytes": self.pipe.weight_bytes()},
             environment=environment(),
         )
         encoded = {(name, p.id): self.pipe.encode(p.text) for name, prompts in datasets for p in prompts}

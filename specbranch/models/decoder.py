@@ -242,6 +242,15 @@ class Decoder:
             out.update(layer.linears(i))
         return out
 
+    def read_bytes(self) -> int:
+        """Bytes one forward must read from memory whatever its row count: every linear's weights (int4 or
+        int8 + scales, or dense) and the norms; the embedding table contributes one row per token."""
+        total = self.embed.shape[1] * self.embed.element_size() + self.norm.numel() * self.norm.element_size()
+        total += sum(lin.read_bytes() for lin in self.linears().values())
+        for layer in self.layers:
+            total += (layer.ln_attn.numel() + layer.ln_mlp.numel()) * layer.ln_attn.element_size()
+        return total
+
     def set_linear(self, name: str, linear: Any) -> None:
         """Replace the linear layer called ``name`` in :meth:`linears` (e.g. with its int4 version)."""
         if name == "lm_head":

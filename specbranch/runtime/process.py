@@ -65,6 +65,7 @@ class DraftWorker:
         self.channel: Channel | None = None
         self.state = "down"
         self.vocab_size: int | None = None
+        self.weight_bytes: int | None = None  # what one draft forward streams (the worker's model, as loaded)
         self.starts = 0
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -113,7 +114,8 @@ class DraftWorker:
                 self.kill()
                 raise WorkerTimeoutError(f"the draft worker did not load its model within {STARTUP_LIMIT_S:.0f} s")
             time.sleep(0.02)
-        self.vocab_size = json.loads(self.store.get("ready"))["vocab_size"]
+        ready = json.loads(self.store.get("ready"))
+        self.vocab_size, self.weight_bytes = ready["vocab_size"], ready["weight_bytes"]
         try:
             group = make_group(self.store, 0, self.timeout)
         except RuntimeError as e:

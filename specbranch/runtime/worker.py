@@ -122,7 +122,7 @@ def main(argv: list[str]) -> int:
     except Exception as e:
         store.set("error", f"{type(e).__name__}: {e}")
         return 1
-    store.set("ready", json.dumps({"vocab_size": backend.vocab_size}))
+    store.set("ready", json.dumps({"vocab_size": backend.vocab_size, "weight_bytes": backend.weight_bytes()}))
     channel = Channel(make_group(store, 1, cfg["startup_s"]), peer=0, vocab_size=backend.vocab_size)
     try:
         serve(channel, backend, CoreOffer(cfg["lend_page"]) if cfg.get("lend_page") else None)
