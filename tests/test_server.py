@@ -490,7 +490,9 @@ def test_specbranch_serve_command(tiny_pair, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "specbranch.cli", "serve", "--target", str(tiny_pair["target"]), "--draft", "none",
          "--precision", "fp32", "--threads", "1", "--port", str(port), "--log-level", "warning"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # Ctrl-C as in a terminal, even when this suite runs as a background job (which ignores SIGINT)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
