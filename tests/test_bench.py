@@ -149,6 +149,11 @@ def test_roofline_counts_only_the_rows_a_reduced_draft_head_reads(tiny_pair):
     lines = roofline(ModelConfig(target=str(tiny_pair["target"]), draft=str(tiny_pair["draft"]), draft_vocab=20),
                      num_prompts=1, tokens=4)
     assert "bandwidth bound" in lines[-2] and lines[-1].startswith("draft/target per-token cost")
+    assert lines[1].startswith("measured read bandwidth: median") and "one thread: median" in lines[1]
+    from specbranch.bench.roofline import read_bandwidth
+
+    bw = read_bandwidth(gb=0.05, repeats=3)
+    assert 0 < bw.median <= bw.best  # the bound is stated against the sustained (median) and the best read
 
 
 def test_roofline_counts_the_int4_bytes_of_an_int4_draft(tiny_pair):
