@@ -56,9 +56,16 @@
  * core's L1 miss buffers were the limit (some 24 lines in flight). The L2 prefetch far ahead keeps more lines
  * in flight: single int8 linears of the target's shapes, weights from memory, one core, 8 rows, Zen 4
  * (medians of 7, two alternations): 1536x17920 1.96-2.22 -> 1.27 ms, 8960x1536 1.31-1.53 -> 0.60-0.61 ms,
- * 1536x2048 0.28-0.39 -> 0.18 ms; at 1 row 1.27-1.41 -> 1.16-1.17 ms for the first. */
+ * 1536x2048 0.28-0.39 -> 0.18 ms; at 1 row 1.27-1.41 -> 1.16-1.17 ms for the first.
+ * Below Q8_PREFETCH_ROWS rows there is no software prefetch at all: there a core computes for far less time
+ * than the weights take to stream, and the hardware prefetcher alone kept more lines in flight. All the
+ * target's int8 linears at 1 row, weights from memory, Zen 4, each variant built from this file and run in
+ * turn (medians of 5, two runs): one thread 17.7/20.6 GB/s with both prefetches, 25.5/26.0 with none (a plain
+ * sum over the same weights: 21.8/28.4); two threads 28.6/28.7 -> 30.9/31.0. At 2 rows, one thread 19.6 ->
+ * 22.1; at 4 rows level (19.4/19.2); at 8 rows none fell to 9.1-10.9 GB/s against 16.3-21.4. */
 #define Q8_PREFETCH 8192
 #define Q8_PREFETCH_L2 32768
+#define Q8_PREFETCH_ROWS 3
 
 static inline int32_t hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -165,10 +172,12 @@ Q8_BLOCK(2)
         __m512i acc[M][2];                                                                                   \
         for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();                         \
         for (int64_t c = 0; c < C; ++c, p += Q8_NB * Q8_KC) {                                                \
-            _mm_prefetch((const char *)p + Q8_PREFETCH, _MM_HINT_T0);                                        \
-            _mm_prefetch((const char *)p + Q8_PREFETCH + 64, _MM_HINT_T0);                                   \
-            _mm_prefetch((const char *)p + Q8_PREFETCH_L2, _MM_HINT_T1);                                     \
-            _mm_prefetch((const char *)p + Q8_PREFETCH_L2 + 64, _MM_HINT_T1);                                \
+            if (M >= Q8_PREFETCH_ROWS) { /* a constant: each row count's code has the prefetches or not */    \
+                _mm_prefetch((const char *)p + Q8_PREFETCH, _MM_HINT_T0);                                    \
+                _mm_prefetch((const char *)p + Q8_PREFETCH + 64, _MM_HINT_T0);                               \
+                _mm_prefetch((const char *)p + Q8_PREFETCH_L2, _MM_HINT_T1);                                 \
+                _mm_prefetch((const char *)p + Q8_PREFETCH_L2 + 64, _MM_HINT_T1);                            \
+            }                                                                                                \
             const __m512i w01 = _mm512_loadu_si512((const void *)p);                                         \
             const __m512i w23 = _mm512_loadu_si512((const void *)(p + 2 * Q8_KC));                           \
             for (int i = 0; i < M; ++i) {                                                                    \
