@@ -34,7 +34,7 @@ class Aggregate:
     mismatches: int | None  # T = 0: runs whose tokens differ from ar's
     pass_at_1: float | None
     # Weights streamed from memory while decoding (prefill excluded), pooled: per committed token, and per
-    # second of decoding. On a CPU whose cores share one memory bus, the first decides the speed.
+    # second of decoding. On a CPU, where streaming weights is the limit, the first decides the speed.
     weight_gb_per_token: float | None = None
     weight_gb_per_s: float | None = None
 
@@ -69,7 +69,7 @@ def _weight_bytes(run: Run, sizes: dict) -> float | None:
 def _weight_rates(runs: list[Run], sizes: dict) -> tuple[float | None, float | None]:
     """(GB per committed token, GB per second of decoding), pooled over ``runs``."""
     read = [_weight_bytes(r, sizes) for r in runs]
-    if not runs or any(b is None for b in read):
+    if any(b is None for b in read):
         return None, None
     tokens = sum(r.metrics["new_tokens"] for r in runs)
     seconds = sum(r.metrics["new_tokens"] / r.tokens_per_s for r in runs if r.tokens_per_s)
@@ -147,13 +147,15 @@ def markdown(result: BenchResult, aggs: list[Aggregate]) -> str:
             f"| {_fmt(a.acceptance_rate, True) if a.engine not in ('ar', 'hf-assisted') else '–'} "
             f"| {_fmt(a.rollback_rate, True) if a.engine not in ('ar', 'hf-assisted') else '–'} "
             f"| {_fmt(a.branch_hit_rate, True)} | {_fmt(a.target_idle, True)} | {_fmt(a.draft_idle, True)} "
-            f"| {_fmt(a.weight_gb_per_token, unit=' GB', digits=3)} | {_fmt(a.weight_gb_per_s, unit=' GB/s', digits=1)} "
+            f"| {_fmt(a.weight_gb_per_token, unit=' GB', digits=3)} "
+            f"| {_fmt(a.weight_gb_per_s, unit=' GB/s', digits=1)} "
             f"| {'–' if a.mismatches is None else f'{a.mismatches}/{a.runs}'} | {_fmt(a.pass_at_1, True)} |"
         )
     lines += ["", "Speedup: median over prompts of engine tok/s ÷ ar tok/s on the same prompt in this run. "
               "Rates are pooled over the dataset's runs. Weights read: the bytes of weights every decode forward "
               "streams (one read per forward, whatever its rows), per committed token and per second of decoding; "
-              "where both models share one memory bus the first decides the order of the engines. hf-assisted is transformers' generate with its own "
+              "where streaming weights is the limit (a CPU) the first decides the order of the engines. "
+              "hf-assisted is transformers' generate with its own "
               "weights at --hf-precision (int8 there is torch dynamic quantization, numerically another model), so "
               "its mismatches against our ar measure that difference, not a loss in speculation."]
     return "\n".join(lines) + "\n"

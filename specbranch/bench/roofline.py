@@ -78,8 +78,10 @@ def roofline(models: ModelConfig, num_prompts: int = 3, tokens: int = 128, repea
              f"(target {pipe.target.load_time_s:.1f} s, draft {pipe.draft.load_time_s if pipe.draft else 0:.1f} s)"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    one = read_bandwidth()  # what each worker of the parallel runtime has alone
-    torch.set_num_threads(threads)
+    try:
+        one = read_bandwidth()  # what each worker of the parallel runtime has alone
+    finally:
+        torch.set_num_threads(threads)
     bw = read_bandwidth()
     lines.append(f"measured read bandwidth: median {bw.median / 1e9:.1f} GB/s, best {bw.best / 1e9:.1f} GB/s "
                  f"({threads} threads); one thread: median {one.median / 1e9:.1f} GB/s")
