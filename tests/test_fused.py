@@ -1,6 +1,7 @@
-"""The int4 draft's fused decode step (models/fused.py Int4Block, kernels/layer.c): the same layer as the unfused
-path (the same int4 linears one call each, the C ops of test_native_ops between them) to float rounding,
-row by row independent of its batch and thread count, and only where it applies."""
+"""The fused decode step (models/fused.py FusedLayer, kernels/layer.c): the same layer as the unfused path (the
+same linears one call each, the C ops of test_native_ops between them): to float rounding for the int4 draft, bit
+for bit for the int8 target, whose numbers decide the output; row by row independent of its batch and thread count,
+and only where it applies."""
 
 import pytest
 import torch
@@ -8,10 +9,11 @@ import torch
 from specbranch.backend import NativeBackend
 from specbranch.kernels import unavailable
 from specbranch.models.decoder import Decoder, DecoderConfig
-from specbranch.models.fused import Int4Block
+from specbranch.models.fused import FusedLayer
+from specbranch.models.linear import Int4Linear, Int8Linear
 
 from conftest import make_tiny_hf, switched_off
-from test_linear import on_one_and_two_threads
+from test_linear import kernel_isa, on_one_and_two_threads  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"no native kernels: {unavailable()}")
 
@@ -25,12 +27,20 @@ def int4_decoder(tmp_path, model_type="qwen2", **overrides):
     return to_int4(decoder, tmp_path / "int4.safetensors")
 
 
+def int8_decoder(model_type="qwen2") -> Decoder:
+    """A tiny model at int8 with the native kernel's weights, as the loader builds the target."""
+    model = make_tiny_hf(model_type, seed=3)
+    decoder = Decoder(DecoderConfig.from_hf(model.config.to_dict()), model.state_dict(), "int8")
+    decoder.fuse_layers()
+    return decoder
+
+
 @pytest.fixture
 def step_calls(monkeypatch) -> list[tuple[int, int, int]]:
     """The input shape ``(rows, t, H)`` of every fused layer step taken during the test, in order."""
     calls = []
-    fused_step = Int4Block.step
-    monkeypatch.setattr(Int4Block, "step", lambda self, h, *a: calls.append(tuple(h.shape)) or fused_step(self, h, *a))
+    fused_step = FusedLayer.step
+    monkeypatch.setattr(FusedLayer, "step", lambda self, h, *a: calls.append(tuple(h.shape)) or fused_step(self, h, *a))
     return calls
 
 
@@ -56,7 +66,7 @@ def test_fused_step_is_the_unfused_layer(tmp_path, model_type, step_calls):
     layers = len(decoder.layers)
     shapes = [(rows, t, decoder.cfg.hidden_size) for rows, t in [(1, 1), (1, 2), (3, 1), (3, 1)]]
     assert step_calls == [s for s in shapes for _ in range(layers)]  # every step but the prompt
-    with switched_off(Int4Block):  # decode steps through the linears one by one
+    with switched_off(FusedLayer):  # decode steps through the linears one by one
         plain = steps()
     assert len(step_calls) == 4 * layers
     assert torch.equal(fused[0], plain[0])  # the prompt is not a fused step
@@ -104,11 +114,60 @@ def test_fused_step_applies_only_to_int4_layers_and_small_steps(tmp_path, step_c
     (tmp_path / "b").mkdir()
     decoder = int4_decoder(tmp_path / "b")
     backend = NativeBackend(decoder, max_len=64)
-    backend.forward(torch.tensor([[1] * (Int4Block.MAX_ROWS + 1)]))  # more rows than the kernel takes
-    backend.forward(torch.tensor([[1] * Int4Block.MAX_ROWS]))
-    assert step_calls == [(1, Int4Block.MAX_ROWS, decoder.cfg.hidden_size)] * len(decoder.layers)
+    backend.forward(torch.tensor([[1] * (Int4Linear.MAX_ROWS + 1)]))  # more rows than the kernel takes
+    backend.forward(torch.tensor([[1] * Int4Linear.MAX_ROWS]))
+    assert step_calls == [(1, Int4Linear.MAX_ROWS, decoder.cfg.hidden_size)] * len(decoder.layers)
     block = decoder.layers[0].block
     decoder.set_linear("layers.1.qkv", decoder.layers[1].qkv.base)  # a layer whose linears change decides again
     assert decoder.layers[1].block is None and decoder.layers[0].block is block
     with pytest.raises(ValueError, match="fused int4 layer linear: 5 rows, the kernel takes 1..4"):
         block.step(torch.randn(5, 1, decoder.cfg.hidden_size), *decoder._rope(0, 1), backend.cache, 0)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])  # q/k/v biases and none
+def test_fused_int8_step_is_the_unfused_layer_bit_for_bit(model_type, kernel_isa, step_calls):
+    """The target's layers: decode steps, a verification of as many tokens as the int8 kernel takes, and branch
+    rows give exactly the unfused path's logits (the same C calls in the same order), on the AVX2 and VNNI codes."""
+    decoder = int8_decoder(model_type)
+    assert all(layer.block is not None and layer.block.max_rows() == kernel_isa for layer in decoder.layers)
+    backend = NativeBackend(decoder, max_len=64)
+
+    def steps():
+        backend.reset()
+        out = [backend.forward(torch.tensor([[5, 9, 2, 7, 1, 3, 8, 4, 6, 2, 9]])).logits]  # a prompt: unfused
+        out.append(backend.forward(torch.tensor([[4]])).logits)
+        out.append(backend.forward(torch.tensor([[6, 11, 3, 5, 7, 1, 2, 8][:kernel_isa]])).logits)
+        backend.fork(2)
+        out.append(backend.forward(torch.tensor([[1], [2]])).logits)
+        out.append(backend.forward(torch.tensor([[4], [4]])).logits)
+        return out
+
+    fused = steps()
+    layers, hidden = len(decoder.layers), decoder.cfg.hidden_size
+    shapes = [(1, 1, hidden), (1, kernel_isa, hidden), (2, 1, hidden), (2, 1, hidden)]
+    assert step_calls == [s for s in shapes for _ in range(layers)]  # every step but the prompt
+    with switched_off(FusedLayer):
+        plain = steps()
+    assert len(step_calls) == 4 * layers
+    for got, want in zip(fused, plain):
+        assert torch.equal(got, want)
+    assert not torch.equal(fused[-1][0], fused[-1][1])  # same token, but each row saw its own branch
+
+
+def test_fused_int8_step_follows_the_int8_kernel(monkeypatch, step_calls):
+    """An int8 layer fuses only while its linears would run the native kernel: steps of more rows (prompts), or
+    any step with the kernel switched off (FBGEMM for every call), go through the linears one by one."""
+    decoder = int8_decoder()
+    backend = NativeBackend(decoder, max_len=64)
+    limit = decoder.layers[0].block.max_rows()
+    backend.forward(torch.tensor([[1] * (limit + 1)]))
+    rows = Int8Linear.KERNEL_ROWS
+    monkeypatch.setattr(Int8Linear, "KERNEL_ROWS", 0)
+    backend.forward(torch.tensor([[2]]))
+    assert step_calls == []
+    monkeypatch.setattr(Int8Linear, "KERNEL_ROWS", rows)
+    backend.forward(torch.tensor([[3]]))
+    assert len(step_calls) == len(decoder.layers)
+    fp32 = Decoder(decoder.cfg, make_tiny_hf("qwen2", seed=3).state_dict(), "fp32")
+    fp32.fuse_layers()
+    assert all(layer.block is None for layer in fp32.layers)

@@ -62,10 +62,12 @@ def test_int8_kernel_matches_fbgemm_on_the_real_target(prompts, monkeypatch):
     target's linears through kernels/q8.c, prompts through FBGEMM: on the real target's activations (2 prompts,
     48 greedy steps each, then the same tokens again in blocks of every size the kernel takes) every kernel call
     must give FBGEMM's result bit for bit. Random activations missed a rounding difference that real ones hit
-    within a few steps."""
+    within a few steps. The layers run unfused here, so that every linear goes through ``Int8Linear``;
+    test_fused_int8_target_steps_match_the_unfused_path_on_the_real_target checks the fused steps against them."""
     from collections import Counter
 
     from specbranch.backend import prefill
+    from specbranch.models.fused import FusedLayer
     from specbranch.models.linear import Int8Linear, _kernel_rows
 
     native_call, rows, limit = Int8Linear.__call__, Int8Linear.KERNEL_ROWS, min(Int8Linear.KERNEL_ROWS, _kernel_rows())
@@ -84,23 +86,56 @@ def test_int8_kernel_matches_fbgemm_on_the_real_target(prompts, monkeypatch):
 
     pipe = Pipeline(ModelConfig(precision="int8", draft="none"), progress=False)
     monkeypatch.setattr(Int8Linear, "__call__", both)
-    for text in prompts[:2]:
-        tokens = pipe.generate(text, GenerationConfig(max_new_tokens=48)).tokens
-        prefill(pipe.target.backend, pipe.encode(text))  # verification-sized forwards over the same tokens
-        for size in range(limit, 1, -1):
-            pipe.target.backend.forward(torch.tensor([tokens[:size]]))
-            tokens = tokens[size:]
+    with switched_off(FusedLayer):
+        for text in prompts[:2]:
+            tokens = pipe.generate(text, GenerationConfig(max_new_tokens=48)).tokens
+            prefill(pipe.target.backend, pipe.encode(text))  # verification-sized forwards over the same tokens
+            for size in range(limit, 1, -1):
+                pipe.target.backend.forward(torch.tensor([tokens[:size]]))
+                tokens = tokens[size:]
     assert checked[1] >= 2 * 47 * 113  # every linear of every decode step (28 layers x 4 + the head)
     assert all(checked[m] == 2 * 113 for m in range(2, limit + 1)), checked
 
 
+def test_fused_int8_target_steps_match_the_unfused_path_on_the_real_target(prompts):
+    """The target's decode steps and verifications run each layer in one C call (models/fused.py FusedLayer); on the
+    real target (a prompt, 36 greedy steps, then blocks of every size the int8 kernel takes over the same tokens)
+    they must give the unfused path's logits bit for bit: the target's numbers decide every emitted token."""
+    from specbranch.backend import prefill, rollback
+    from specbranch.models.fused import FusedLayer
+
+    pipe = Pipeline(ModelConfig(precision="int8", draft="none"), progress=False)
+    target = pipe.target.backend
+    limit = target.decoder.layers[0].block.max_rows()
+    assert all(layer.block is not None for layer in target.decoder.layers) and limit >= 2
+    ids = pipe.encode(prompts[1])
+    tokens = pipe.generate(prompts[1], GenerationConfig(max_new_tokens=36)).tokens  # 2 + ... + 8 = 35 for the blocks
+
+    def steps() -> list[torch.Tensor]:
+        prefill(target, ids)
+        out = [target.forward(torch.tensor([[t]])).logits for t in tokens]
+        rollback(target, len(tokens))
+        rest = tokens
+        for size in range(limit, 1, -1):
+            out.append(target.forward(torch.tensor([rest[:size]])).logits)
+            rest = rest[size:]
+        return out
+
+    got = steps()
+    with switched_off(FusedLayer):
+        want = steps()
+    assert len(got) == len(want) == 36 + limit - 1
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert torch.equal(g, w), f"step {i}"
+
+
 def test_fused_int4_draft_steps_match_the_unfused_path_on_the_real_draft(prompts):
-    """The int4 draft's decode steps run each layer in one fused C call (models/fused.py Int4Block); on the real
+    """The int4 draft's decode steps run each layer in one fused C call (models/fused.py FusedLayer); on the real
     draft's activations (a prompt, then the target's 32 greedy tokens fed one by one, then a 3-branch step) they must
     give the unfused path's logits (the same int4 linears, one call each) up to float rounding, so the draft proposes
     what it would without the fusion."""
     from specbranch.backend import prefill
-    from specbranch.models.fused import Int4Block
+    from specbranch.models.fused import FusedLayer
 
     pipe = Pipeline(ModelConfig(precision="int8"), progress=False)
     draft = pipe.draft.backend
@@ -115,7 +150,7 @@ def test_fused_int4_draft_steps_match_the_unfused_path_on_the_real_draft(prompts
         return out + list(draft.forward(torch.tensor([[1], [2], [3]])).logits[:, -1])
 
     got = steps()
-    with switched_off(Int4Block):
+    with switched_off(FusedLayer):
         want = steps()
     for i, (g, w) in enumerate(zip(got, want)):
         kept = torch.isfinite(w)  # the draft's reduced head: -inf outside its vocabulary

@@ -11,8 +11,11 @@
  *   and every (token, head) of attention, is computed on its own in one fixed order by one thread, so its result
  *   does not depend on the batch, the row count or the thread count. The summation orders are not torch's, so
  *   this path is not bit-identical to the torch one: a model takes one or the other for all its forwards.
- * - q4_layer_step runs a whole int4 draft layer, its int4 linears (q4.c) included, in one call: for the draft's
- *   decode steps, so small that the eight foreign calls per layer of the path above cost 10-13% more per step.
+ * - layer_step runs a whole layer, its linears included, in one call, for decode steps and verifications (as many
+ *   rows as the linear kernels take in one pass over their weights): the draft's int4 layers (q4.c), so small that
+ *   the eight foreign calls per layer of the path above cost 10-13% more per step, and the target's int8 layers
+ *   (q8.c), where those calls and their torch allocations cost some 3 ms of a 30-60 ms step. It calls the same
+ *   functions in the same order as the path above, so an int8 layer gives the same bits either way.
  *
  * Vectors of 8 floats (AVX2); every length that is read 8 at a time (H, I, D) is a multiple of 8, which the
  * Python side checks before it takes this path.
@@ -28,21 +31,35 @@
 int q4_linear_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *d, const float *bias,
                   int64_t N, float *y); /* q4.c: -2 for a row count it has no code for, -1 out of memory */
 
+int q8_linear_f32(const float *x, int64_t M, int64_t K, const int8_t *wb, const int32_t *wsum, const float *mult,
+                  float inv, const float *bias, int64_t N, float *y); /* q8.c: -1 out of memory */
+
 /* A layer's shape (models/fused.py LayerShape). */
 typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, inter; /* H, Hq, Hkv, D, I */
     float eps, scale;                                 /* RMSNorm epsilon, 1/sqrt(D) */
 } layer_shape;
 
-/* An int4 layer's constants (built once per layer by models/fused.py; the weights as q4.c reads them). */
+/* One linear of a fused layer, as its kernel reads it (models/fused.py LinearRef). */
+typedef struct {
+    int64_t bits;      /* 4: q4.c, w = packed nibbles, aux = float scales; 8: q8.c, w = blocked int8, aux = int32 row sums */
+    const void *w, *aux;
+    const float *mult; /* int8: FBGEMM's output multipliers */
+    const float *bias; /* or NULL */
+    float inv;         /* int8: 1 / the activation scale */
+} layer_linear;
+
+/* A layer's constants (built once per layer by models/fused.py). */
 typedef struct {
     layer_shape s;
-    const float *ln_attn, *ln_mlp;                    /* [H] each */
-    const uint8_t *w_qkv; const float *d_qkv, *b_qkv; /* [(Hq + 2 Hkv) D, H], bias or NULL */
-    const uint8_t *w_o;   const float *d_o, *b_o;     /* [H, Hq D], bias or NULL */
-    const uint8_t *w_gu;  const float *d_gu;          /* gate then up stacked: [2I, H] */
-    const uint8_t *w_d;   const float *d_d;           /* down: [H, I] */
-} q4_layer;
+    const float *ln_attn, *ln_mlp; /* [H] each */
+    layer_linear qkv, o, gu, down; /* [(Hq + 2 Hkv) D, H], [H, Hq D], gate then up stacked [2I, H], [H, I] */
+} layer_weights;
+
+static int linear(const layer_linear *l, const float *x, int64_t M, int64_t K, int64_t N, float *y) {
+    if (l->bits == 4) return q4_linear_f32(x, M, K, l->w, l->aux, l->bias, N, y);
+    return q8_linear_f32(x, M, K, l->w, l->aux, l->mult, l->inv, l->bias, N, y);
+}
 
 /* This step's view of the layer's KV cache (kvcache.py): the trunk [Hkv, max_len, D] holds trunk_len
  * positions; when forked (branches > 0) each branch row r has [Hkv, max_branch_len, D] at
@@ -271,10 +288,11 @@ int layer_attention(const layer_shape *S, float *qkv, int64_t rows, int64_t t, c
 
 void layer_silu_mul(const float *gu, int64_t M, int64_t I, float *out) { silu_mul_rows(gu, M, I, out); }
 
-/* The int4 draft's whole layer: h [rows * t, H] -> out [rows * t, H], writing the step's keys and values into the
- * cache. Returns 0, -1 (out of memory) or -2 (a row count the int4 linear has no code for). */
-int q4_layer_step(const q4_layer *L, const float *h, int64_t rows, int64_t t, const float *cos, const float *sin,
-                  const kv_step *c, float *out) {
+/* A whole layer: h [rows * t, H] -> out [rows * t, H], writing the step's keys and values into the cache; the
+ * unfused path's calls (models/decoder.py) in its order. Returns 0, -1 (out of memory) or -2 (a row count the int4
+ * linear has no code for). */
+int layer_step(const layer_weights *L, const float *h, int64_t rows, int64_t t, const float *cos, const float *sin,
+               const kv_step *c, float *out) {
     const layer_shape *S = &L->s;
     const int64_t M = rows * t, H = S->hidden, D = S->head_dim, I = S->inter, A = S->heads * D;
     const int64_t N = (S->heads + 2 * S->kv_heads) * D;
@@ -286,20 +304,20 @@ int q4_layer_step(const q4_layer *L, const float *h, int64_t rows, int64_t t, co
     int err = a && qkv && o && n && gu ? 0 : -1;
     if (!err) {
         rms_norm_rows(h, NULL, NULL, M, H, L->ln_attn, S->eps, a);
-        err = q4_linear_f32(a, M, H, L->w_qkv, L->d_qkv, L->b_qkv, N, qkv);
+        err = linear(&L->qkv, a, M, H, N, qkv);
     }
     if (!err) err = layer_attention(S, qkv, rows, t, cos, sin, c, o);
-    if (!err) err = q4_linear_f32(o, M, A, L->w_o, L->d_o, L->b_o, H, a);
+    if (!err) err = linear(&L->o, o, M, A, H, a);
     if (!err) {
         rms_norm_rows(a, h, a, M, H, L->ln_mlp, S->eps, n); /* a = h1 = o + h, n = its norm */
-        err = q4_linear_f32(n, M, H, L->w_gu, L->d_gu, NULL, 2 * I, gu);
+        err = linear(&L->gu, n, M, H, 2 * I, gu);
     }
     if (!err) {
         silu_mul_rows(gu, M, I, gu);
-        err = q4_linear_f32(gu, M, I, L->w_d, L->d_d, NULL, H, out);
+        err = linear(&L->down, gu, M, I, H, out);
     }
     if (!err)
-        for (int64_t k = 0; k < M * H; ++k) out[k] += a[k];
+        for (int64_t k = 0; k < M * H; ++k) out[k] += a[k]; /* down(...) + h1, as the unfused add_ */
     free(a);
     free(qkv);
     free(o);

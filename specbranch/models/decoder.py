@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import ModelError
 from ..kvcache import CacheView, KVCache
-from .fused import Int4Block, NativeOps
+from .fused import FusedLayer, NativeOps
 from .linear import activation_dtype, make_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -178,7 +178,7 @@ class Layer:
         self.down = lin(f"layers.{i}.down", lambda: get(p + "mlp.down_proj.weight"), None)
         self.ln_attn = get(p + "input_layernorm.weight").to(dtype).contiguous()
         self.ln_mlp = get(p + "post_attention_layernorm.weight").to(dtype).contiguous()
-        self.block: Int4Block | None = None  # the fused decode step of an int4 layer (fuse_int4)
+        self.block: FusedLayer | None = None  # the whole layer in one C call, for decode steps (fuse_layers)
 
     def linears(self, i: int) -> dict[str, Any]:
         return {f"layers.{i}.{n}": getattr(self, n) for n in ("qkv", "o", "gate_up", "down")}
@@ -258,12 +258,13 @@ class Decoder:
             return
         _, i, attr = name.split(".")
         setattr(self.layers[int(i)], attr, linear)
-        self.layers[int(i)].block = None  # its linears changed: fuse_int4 decides again
+        self.layers[int(i)].block = None  # its linears changed: fuse_layers decides again
 
-    def fuse_int4(self) -> None:
-        """Give every layer whose linears are all int4 its fused decode step (:class:`Int4Block`)."""
+    def fuse_layers(self) -> None:
+        """Give every layer whose linears are all int4, or all int8 with the native kernel's weights, its fused
+        decode step (:class:`FusedLayer`)."""
         for layer in self.layers:
-            layer.block = Int4Block.of(layer, self.cfg)
+            layer.block = FusedLayer.of(layer, self.cfg)
 
     def new_cache(self, max_len: int, max_branches: int = 4, max_branch_len: int = 32) -> KVCache:
         c = self.cfg
@@ -309,10 +310,10 @@ class Decoder:
         h = self.embed[tokens.to(self.device)]  # [rows, t, H]
         want = {i % (c.num_layers + 1) for i in hidden_layers}
         kept = [h] if 0 in want else []
-        fused = Int4Block.ENABLED and rows * t <= Int4Block.MAX_ROWS  # an int4 draft's decode step
         ops = self.native if NativeOps.ENABLED else None
+        step_rows = rows * t if FusedLayer.ENABLED and ops is not None else 0  # activation rows (0: none fused)
         for i, layer in enumerate(self.layers):
-            if fused and layer.block is not None:
+            if layer.block is not None and 0 < step_rows <= layer.block.max_rows():  # decode steps, not prompts
                 h = layer.block.step(h, cos, sin, cache, i)  # the whole layer in one foreign call (models/fused.py)
             elif ops is not None:  # float32 on the CPU: everything between the linears in C (models/fused.py)
                 qkv = layer.qkv(ops.norm(h, layer.ln_attn))  # [rows, t, (Hq + 2 Hkv) D]

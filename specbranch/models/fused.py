@@ -1,5 +1,5 @@
 """A layer's work between its linears in C (``kernels/layer.c``): :class:`NativeOps` for every float32 CPU
-forward, :class:`Int4Block` for the int4 draft's decode steps (the whole layer, linears included).
+forward, :class:`FusedLayer` for decode steps and verifications (the whole layer, linears included, in one call).
 
 Why NativeOps: in torch, the norms, rope, KV cache writes, attention and SwiGLU of one layer are about fifty
 small ops, each costing microseconds whatever its size, and attention ran one query at a time to stay
@@ -9,12 +9,16 @@ fixed order: a token's numbers do not depend on how many tokens came with it or 
 verified block gives exactly the tokens decoding it one by one gives. The sums are ordered differently from
 torch's, so a decoder takes this path for all of its forwards or for none.
 
-Why Int4Block: a 1-row step of the 0.5B int4 draft took 24 ms on one core, of which its int4 linears were 10 ms;
-the small ops around them were most of the rest. :class:`Int4Block` hands the whole layer, linears and KV cache
+Why FusedLayer: a 1-row step of the 0.5B int4 draft took 24 ms on one core, of which its int4 linears were 10 ms;
+the small ops around them were most of the rest. :class:`FusedLayer` hands the whole layer, linears and KV cache
 included, to one C call; even against NativeOps' eight calls per layer it is 1.10-1.13x faster per 1-row step
-(1.07-1.11x at 3 branch rows). Draft only, like the int4 weights: the draft's numbers never decide what is
-emitted, so its sums need not match the unfused path's bit for bit (they agree to float rounding; tests check
-that, and that rows are independent of their batch and of the thread count).
+(1.07-1.11x at 3 branch rows). The int4 draft's numbers never decide what is emitted, so its fused step need not
+match the unfused path's bit for bit (its tests allow float rounding, and check that rows are independent of their
+batch and of the thread count). The int8 target's layers fuse too, for steps of up to as many rows as its int8
+kernel takes (8 with AVX-512 VNNI): there the C calls are the unfused path's, in its order, so the bits are the same
+(tests check), and the step loses the eight ctypes calls, their torch allocations and the OpenMP hand-offs between
+them. On the 1.5B target (Zen 4, interleaved, medians of 48-120 steps, the same logits both ways): 1 row on two
+threads 42.8 -> 40.6 ms, 8 rows 64.2 -> 62.5 ms; on one thread 54.2 -> 53.7 and 61.1 -> 59.4 ms.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 
 from ..kvcache import KVCache
 from ..kernels import optional_library
-from .linear import Int4Linear, _kernel_linear
+from .linear import Int4Linear, Int8Linear, _kernel_linear
 
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -49,12 +53,24 @@ class LayerShape(ctypes.Structure):
                    cfg.rms_norm_eps, 1.0 / math.sqrt(cfg.head_dim))
 
 
-class LayerWeights(ctypes.Structure):
-    """``q4_layer`` in layer.c: an int4 layer's shape and weight addresses."""
+class LinearRef(ctypes.Structure):
+    """``layer_linear`` in layer.c: one int4 or int8 linear's weights, as its kernel reads them."""
 
-    _fields_ = [("shape", LayerShape), ("ln_attn", _p), ("ln_mlp", _p),
-                ("w_qkv", _p), ("d_qkv", _p), ("b_qkv", _p), ("w_o", _p), ("d_o", _p), ("b_o", _p),
-                ("w_gu", _p), ("d_gu", _p), ("w_d", _p), ("d_d", _p)]
+    _fields_ = [("bits", _i64), ("w", _p), ("aux", _p), ("mult", _p), ("bias", _p), ("inv", _f32)]
+
+    @classmethod
+    def of(cls, lin: Int4Linear | Int8Linear) -> "LinearRef":
+        bias = None if lin.bias is None else lin.bias.data_ptr()  # float32 and contiguous in both classes
+        if isinstance(lin, Int4Linear):
+            return cls(4, lin.wblk.data_ptr(), lin.dblk.data_ptr(), None, bias, 0.0)
+        return cls(8, lin.blocked.data_ptr(), lin.wsum.data_ptr(), lin.mult.data_ptr(), bias, lin.ACT_INV)
+
+
+class LayerWeights(ctypes.Structure):
+    """``layer_weights`` in layer.c: a layer's shape, norm weights and linears."""
+
+    _fields_ = [("shape", LayerShape), ("ln_attn", _p), ("ln_mlp", _p)] + [
+        (n, LinearRef) for n in ("qkv", "o", "gu", "down")]
 
 
 class CacheStep(ctypes.Structure):
@@ -118,32 +134,38 @@ class NativeOps:
         return out
 
 
-class Int4Block:
-    """A layer whose four linears are all :class:`Int4Linear`, run by the fused kernel for steps of up to
-    :attr:`MAX_ROWS` tokens (rows x t); :meth:`of` gives None for any other layer."""
+class FusedLayer:
+    """A layer run by one C call (``layer_step``) for steps of up to :meth:`max_rows` tokens (rows x t): one whose
+    four linears are all :class:`Int4Linear` (the draft) or all :class:`Int8Linear` with the native kernel's
+    weights built (the target); :meth:`of` gives None for any other layer."""
 
-    MAX_ROWS = Int4Linear.MAX_ROWS
     ENABLED = True  # tests set False to compare with the unfused path
 
     def __init__(self, layer, cfg) -> None:
         self.layer = layer  # keeps the weights, whose addresses the kernel holds, alive
-        self.lib = layer.qkv.lib
-        qkv, o, gu, down = layer.qkv, layer.o, layer.gate_up, layer.down
-        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        self.int8 = isinstance(layer.qkv, Int8Linear)
+        self.lib = optional_library()
         self.weights = LayerWeights(  # the norm weights: float32 and contiguous (decoder.Layer)
-            LayerShape.of(cfg), ptr(layer.ln_attn), ptr(layer.ln_mlp), ptr(qkv.wblk), ptr(qkv.dblk), ptr(qkv.bias),
-            ptr(o.wblk), ptr(o.dblk), ptr(o.bias), ptr(gu.wblk), ptr(gu.dblk), ptr(down.wblk), ptr(down.dblk))
+            LayerShape.of(cfg), layer.ln_attn.data_ptr(), layer.ln_mlp.data_ptr(),
+            *(LinearRef.of(lin) for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)))
 
     @classmethod
-    def of(cls, layer, cfg) -> "Int4Block | None":
+    def of(cls, layer, cfg) -> "FusedLayer | None":
         """``layer``'s fused step, for a :class:`~specbranch.models.decoder.DecoderConfig` ``cfg``."""
-        if not all(isinstance(lin, Int4Linear) for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)):
+        linears = (layer.qkv, layer.o, layer.gate_up, layer.down)
+        if not fits_vectors(cfg) or optional_library() is None or layer.ln_attn.dtype != torch.float32:
             return None
-        if layer.gate_up.bias is not None or layer.down.bias is not None:
-            return None  # the kernel has no MLP biases (Qwen2 and Llama have none)
-        if not fits_vectors(cfg):
-            return None
-        return cls(layer, cfg)
+        if all(isinstance(lin, Int4Linear) for lin in linears):
+            return cls(layer, cfg)
+        if all(type(lin) is Int8Linear and lin.use_kernel and lin.prepare_native().blocked is not None
+               for lin in linears):
+            return cls(layer, cfg)
+        return None
+
+    def max_rows(self) -> int:
+        """Most tokens per step: what the linears' kernels take in one pass over their weights (int8: as
+        :class:`Int8Linear` decides, so both paths run the same kernel). Larger steps (prompts) go unfused."""
+        return self.layer.qkv.kernel_rows() if self.int8 else Int4Linear.MAX_ROWS
 
     def step(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, i: int) -> torch.Tensor:
         """Layer ``i`` on ``h [rows, t, H]`` (``cos``/``sin [t, D]``: the step's positions, after ``cache.advance``)
@@ -151,5 +173,6 @@ class Int4Block:
         rows, t, hidden = h.shape
         where = CacheStep.of(cache, i)
         cos, sin = cos.contiguous(), sin.contiguous()
-        return _kernel_linear("fused int4 layer", h, rows * t, hidden, self.MAX_ROWS, lambda x, y: self.lib.q4_layer_step(
+        kind = "fused int8 layer" if self.int8 else "fused int4 layer"
+        return _kernel_linear(kind, h, rows * t, hidden, Int4Linear.MAX_ROWS, lambda x, y: self.lib.layer_step(
             ctypes.byref(self.weights), x, rows, t, cos.data_ptr(), sin.data_ptr(), ctypes.byref(where), y))

@@ -110,7 +110,7 @@ class Int8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        limit = min(self.KERNEL_ROWS, _kernel_rows()) if self.use_kernel else 0
+        limit = self.kernel_rows()
         # Prompts (more rows) go to the kernel too while the draft worker lends its core: FBGEMM is about as fast
         # on one core (0.86-1.0x measured at 64-160 rows), but only the kernel can share the work with the helper.
         if 0 < rows and (rows <= limit or (limit and _core_lent())) and self.prepare_native().blocked is not None:
@@ -125,6 +125,10 @@ class Int8Linear:
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
+
+    def kernel_rows(self) -> int:
+        """Calls of up to this many rows run the native kernel (0: none do)."""
+        return min(self.KERNEL_ROWS, _kernel_rows()) if self.use_kernel else 0
 
     def prepare_native(self) -> "Int8Linear":
         """Build the native kernel's copy of the weights (kernels/q8.c: blocked layout, row sums, FBGEMM's

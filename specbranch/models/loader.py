@@ -112,6 +112,8 @@ def load_decoder(folder: str | Path, precision: str = "fp32", threads: int | Non
         list(pool.map(Int8Linear.pack, decoder.linears().values()))
         if decode_kernel:
             list(pool.map(Int8Linear.prepare_native, decoder.linears().values()))
+    if decode_kernel:
+        decoder.fuse_layers()
     return decoder
 
 
@@ -131,7 +133,7 @@ def to_int4(decoder: Decoder, path: Path) -> Decoder:
             made[name] = Int4Linear.from_int8(linear)
     for name, linear in made.items():
         decoder.set_linear(name, linear)
-    decoder.fuse_int4()
+    decoder.fuse_layers()
     decoder.precision = "int4"
     if stored is None and made:
         _save({t: getattr(lin, a) for n, lin in made.items() for t, a in ((n + ".packed", "packed"), (n + ".scales", "scales"))}, path)
