@@ -32,7 +32,13 @@ class HFBackend:
         self._trunk = 0  # trunk length at the last fork
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        """Every parameter once, but the input embedding only as the one row a token looks up, unless it is
+        also the output head (tied), which reads all of it: what the native decoder counts."""
+        emb = self.model.get_input_embeddings().weight
+        head = self.model.get_output_embeddings()
+        total = sum(p.numel() * p.element_size() for p in self.model.parameters())  # tied tensors once
+        row = emb.shape[1] * emb.element_size()
+        return total + row if head is not None and head.weight is emb else total - emb.shape[0] * row + row
 
     def _layers(self):
         return [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None]

@@ -37,6 +37,17 @@ def test_prefill_and_decode_match(tiny_folder):
     assert native.length == hf.length == 17 + 3 + 4
 
 
+def test_both_backends_count_the_same_weight_bytes(tiny_folder):
+    """What one forward streams (the bench's bytes per token): the full head, one embedding row; tied (qwen2 here)
+    and untied (llama) heads alike."""
+    _, folder, model = tiny_folder
+    native, hf = pair(folder, model)
+    emb = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings().weight is emb
+    params, table, row = sum(p.numel() * 4 for p in model.parameters()), emb.numel() * 4, emb.shape[1] * 4
+    assert native.weight_bytes() == hf.weight_bytes() == (params + row if tied else params - table + row)
+
+
 def test_rollback_then_continue_matches_fresh(tiny_folder):
     _, folder, model = tiny_folder
     native, hf = pair(folder, model)
