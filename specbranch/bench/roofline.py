@@ -48,27 +48,35 @@ class Speed:
     ms_per_token: float  # median decode time per token
     tokens_per_s: float
     weight_gb: float
-    bound_ms: float  # weight bytes / the median bandwidth reading
-    best_bound_ms: float  # weight bytes / the best reading
+    bandwidth: float  # bytes/s: the median of the readings taken before each prompt
+    bound_ms: float  # weight bytes / that bandwidth
+    ratio: float  # median over prompts of (time per token / the bound at the reading before that prompt)
+    ratio_best: float  # ... against each reading's best
 
     def line(self) -> str:
         return (f"{self.name:8s} {self.tokens_per_s:6.2f} tok/s = {self.ms_per_token:6.1f} ms/token | weights read "
-                f"per token {self.weight_gb:.3f} GB -> bandwidth bound {self.bound_ms:.1f} ms at the median "
-                f"reading ({self.best_bound_ms:.1f} at the best) | {self.ms_per_token / self.bound_ms:.2f}x the bound "
-                f"({self.ms_per_token / self.best_bound_ms:.2f}x)")
+                f"per token {self.weight_gb:.3f} GB -> bandwidth bound {self.bound_ms:.1f} ms at "
+                f"{self.bandwidth / 1e9:.1f} GB/s (median reading before each prompt) | {self.ratio:.2f}x the bound "
+                f"({self.ratio_best:.2f}x against each reading's best)")
 
 
-def ar_speed(model: LoadedModel, pipe: Pipeline, prompts: list[str], tokens: int, repeats: int,
-             bw: Bandwidth) -> Speed:
-    times = []
+def ar_speed(model: LoadedModel, pipe: Pipeline, prompts: list[str], tokens: int, repeats: int) -> Speed:
+    """AR decoding of ``model``, each prompt held to a bandwidth reading taken just before it: on a shared VM the
+    bus share swings about 2x within minutes (2-thread reads of 30-32 GB/s at some moments, 57-67 at others), so
+    one reading at the start can hold a whole run to another moment's machine."""
+    gb = model.backend.weight_bytes() / 1e9
+    times, reads = [], []
     for _ in range(repeats):
         for text in prompts:
+            reads.append(read_bandwidth())
             r = generate(AREngine(model.backend), pipe.encode(text), GenerationConfig(max_new_tokens=tokens),
                          SamplingConfig(), eos_ids=())
             times.append(r.metrics.decode_time_s / r.metrics.new_tokens)
     ms = statistics.median(times) * 1e3
-    gb = model.backend.weight_bytes() / 1e9
-    return Speed(model.name, ms, 1e3 / ms, gb, gb * 1e9 / bw.median * 1e3, gb * 1e9 / bw.best * 1e3)
+    bandwidth = statistics.median(bw.median for bw in reads)
+    return Speed(model.name, ms, 1e3 / ms, gb, bandwidth, gb * 1e9 / bandwidth * 1e3,
+                 statistics.median(t * bw.median / (gb * 1e9) for t, bw in zip(times, reads)),
+                 statistics.median(t * bw.best / (gb * 1e9) for t, bw in zip(times, reads)))
 
 
 def roofline(models: ModelConfig, num_prompts: int = 3, tokens: int = 128, repeats: int = 1) -> list[str]:
@@ -86,7 +94,7 @@ def roofline(models: ModelConfig, num_prompts: int = 3, tokens: int = 128, repea
     lines.append(f"measured read bandwidth: median {bw.median / 1e9:.1f} GB/s, best {bw.best / 1e9:.1f} GB/s "
                  f"({threads} threads); one thread: median {one.median / 1e9:.1f} GB/s")
     prompts = [p.text for p in load_prompts("humaneval", num_prompts)[1]]
-    speeds = [ar_speed(m, pipe, prompts, tokens, repeats, bw) for m in (pipe.target, pipe.draft) if m]
+    speeds = [ar_speed(m, pipe, prompts, tokens, repeats) for m in (pipe.target, pipe.draft) if m]
     lines += [s.line() for s in speeds]
     if len(speeds) == 2:
         lines.append(f"draft/target per-token cost: {speeds[1].ms_per_token / speeds[0].ms_per_token:.2f}")
