@@ -9,7 +9,7 @@ import torch
 from specbranch.backend import NativeBackend
 from specbranch.kernels import unavailable
 from specbranch.models.decoder import Decoder, DecoderConfig
-from specbranch.models.fused import FusedLayer
+from specbranch.models.fused import FusedLayer, FusedRun
 from specbranch.models.linear import Int4Linear, Int8Linear
 
 from conftest import make_tiny_hf, switched_off
@@ -39,8 +39,13 @@ def int8_decoder(model_type="qwen2") -> Decoder:
 def step_calls(monkeypatch) -> list[tuple[int, int, int]]:
     """The input shape ``(rows, t, H)`` of every fused layer step taken during the test, in order."""
     calls = []
-    fused_step = FusedLayer.step
-    monkeypatch.setattr(FusedLayer, "step", lambda self, h, *a: calls.append(tuple(h.shape)) or fused_step(self, h, *a))
+    fused_step = FusedRun.step
+
+    def step(self, h, *args):
+        calls.extend([tuple(h.shape)] * len(self.blocks))  # one entry per layer the run takes
+        return fused_step(self, h, *args)
+
+    monkeypatch.setattr(FusedRun, "step", step)
     return calls
 
 
@@ -81,14 +86,15 @@ def test_fused_step_is_batch_position_and_thread_invariant(tmp_path):
     decoder = int4_decoder(tmp_path)
     backend = NativeBackend(decoder, max_len=64)
     backend.forward(torch.tensor([[5, 9, 2, 7, 1, 3, 8]]))  # a trunk, through the torch path
-    cache, block, trunk = backend.cache, decoder.layers[0].block, backend.cache.length
+    cache, trunk = backend.cache, backend.cache.length
+    layer0 = FusedRun([decoder.layers[0].block], 0)
     h = torch.randn(3, 1, decoder.cfg.hidden_size)
 
     def branch_step(rows: int) -> torch.Tensor:
         """Layer 0 on the first ``rows`` rows of h as branch rows, then back to the trunk."""
         cache.fork(rows)
         cache.advance(1)
-        out = block.step(h[:rows], *decoder._rope(trunk, 1), cache, 0)
+        out = layer0.step(h[:rows], *decoder._rope(trunk, 1), cache)[0]
         cache.select(0)
         cache.truncate(trunk)
         return out
@@ -99,12 +105,12 @@ def test_fused_step_is_batch_position_and_thread_invariant(tmp_path):
     assert torch.equal(one, two) and torch.equal(one, together)
     # two tokens in one step = the same two tokens one step each (the second sees the first's key and value)
     cache.advance(2)
-    both = block.step(h[:2].view(1, 2, -1), *decoder._rope(trunk, 2), cache, 0)
+    both = layer0.step(h[:2].view(1, 2, -1), *decoder._rope(trunk, 2), cache)[0]
     cache.truncate(trunk)
     singles = []
     for j in range(2):
         cache.advance(1)
-        singles.append(block.step(h[j : j + 1], *decoder._rope(trunk + j, 1), cache, 0))
+        singles.append(layer0.step(h[j : j + 1], *decoder._rope(trunk + j, 1), cache)[0])
     assert torch.equal(both, torch.cat(singles, dim=1))
 
 
@@ -118,10 +124,19 @@ def test_fused_step_applies_only_to_int4_layers_and_small_steps(tmp_path, step_c
     backend.forward(torch.tensor([[1] * Int4Linear.MAX_ROWS]))
     assert step_calls == [(1, Int4Linear.MAX_ROWS, decoder.cfg.hidden_size)] * len(decoder.layers)
     block = decoder.layers[0].block
+    assert [(first, end) for first, end, _ in decoder.runs] == [(0, len(decoder.layers))]
     decoder.set_linear("layers.1.qkv", decoder.layers[1].qkv.base)  # a layer whose linears change decides again
     assert decoder.layers[1].block is None and decoder.layers[0].block is block
+    assert [(first, end, run is None) for first, end, run in decoder.runs] == [(0, 1, False), (1, 2, True), (2, 3, False)]
+    step_calls.clear()
+    got = backend.forward(torch.tensor([[2]])).logits  # layers 0 and 2 fused, layer 1 through its linears
+    assert step_calls == [(1, 1, decoder.cfg.hidden_size)] * 2
+    backend.truncate(backend.length - 1)
+    with switched_off(FusedLayer):
+        want = backend.forward(torch.tensor([[2]])).logits
+    assert (got - want).abs().max() <= 2e-3 * want.abs().max()
     with pytest.raises(ValueError, match="fused int4 layer linear: 5 rows, the kernel takes 1..4"):
-        block.step(torch.randn(5, 1, decoder.cfg.hidden_size), *decoder._rope(0, 1), backend.cache, 0)
+        FusedRun([block], 0).step(torch.randn(5, 1, decoder.cfg.hidden_size), *decoder._rope(0, 1), backend.cache)
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])  # q/k/v biases and none
@@ -133,14 +148,14 @@ def test_fused_int8_step_is_the_unfused_layer_bit_for_bit(model_type, kernel_isa
     backend = NativeBackend(decoder, max_len=64)
 
     def steps():
+        """Logits and hidden states (H-RAD reads the target's: the embeddings, a middle layer, the last one)."""
         backend.reset()
-        out = [backend.forward(torch.tensor([[5, 9, 2, 7, 1, 3, 8, 4, 6, 2, 9]])).logits]  # a prompt: unfused
-        out.append(backend.forward(torch.tensor([[4]])).logits)
-        out.append(backend.forward(torch.tensor([[6, 11, 3, 5, 7, 1, 2, 8][:kernel_isa]])).logits)
+        tokens = [[[5, 9, 2, 7, 1, 3, 8, 4, 6, 2, 9]], [[4]], [[6, 11, 3, 5, 7, 1, 2, 8][:kernel_isa]]]  # prompt unfused
+        out = [backend.forward(torch.tensor(x), hidden_layers=(0, 2, -1)) for x in tokens]
         backend.fork(2)
-        out.append(backend.forward(torch.tensor([[1], [2]])).logits)
-        out.append(backend.forward(torch.tensor([[4], [4]])).logits)
-        return out
+        out.append(backend.forward(torch.tensor([[1], [2]]), hidden_layers=(0, 2, -1)))
+        out.append(backend.forward(torch.tensor([[4], [4]]), hidden_layers=(0, 2, -1)))
+        return [(o.logits, o.hidden) for o in out]
 
     fused = steps()
     layers, hidden = len(decoder.layers), decoder.cfg.hidden_size
@@ -149,9 +164,10 @@ def test_fused_int8_step_is_the_unfused_layer_bit_for_bit(model_type, kernel_isa
     with switched_off(FusedLayer):
         plain = steps()
     assert len(step_calls) == 4 * layers
-    for got, want in zip(fused, plain):
-        assert torch.equal(got, want)
-    assert not torch.equal(fused[-1][0], fused[-1][1])  # same token, but each row saw its own branch
+    for (logits, hidden), (want_logits, want_hidden) in zip(fused, plain):
+        assert torch.equal(logits, want_logits) and torch.equal(hidden, want_hidden)
+        assert hidden.shape[0] == 3 and not torch.equal(hidden[1], hidden[2])
+    assert not torch.equal(fused[-1][0][0], fused[-1][0][1])  # same token, but each row saw its own branch
 
 
 def test_fused_int8_step_follows_the_int8_kernel(monkeypatch, step_calls):

@@ -103,8 +103,8 @@ def library() -> ctypes.CDLL:
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     lib.q4_linear_f32.argtypes = [p, i64, i64, p, p, p, i64, p]
     lib.q4_linear_f32.restype = ctypes.c_int
-    lib.layer_step.argtypes = [p, p, i64, i64, p, p, p, p]  # struct pointers: ctypes.byref
-    lib.layer_step.restype = ctypes.c_int
+    lib.layers_step.argtypes = [p, i64, p, i64, i64, p, p, p, p, p]  # struct pointers: ctypes.byref
+    lib.layers_step.restype = ctypes.c_int
     lib.layer_rms_norm.argtypes = [p, p, p, i64, i64, p, f32, p]
     lib.layer_rms_norm.restype = None
     lib.layer_attention.argtypes = [p, p, i64, i64, p, p, p, p]

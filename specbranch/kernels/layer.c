@@ -11,7 +11,7 @@
  *   and every (token, head) of attention, is computed on its own in one fixed order by one thread, so its result
  *   does not depend on the batch, the row count or the thread count. The summation orders are not torch's, so
  *   this path is not bit-identical to the torch one: a model takes one or the other for all its forwards.
- * - layer_step runs a whole layer, its linears included, in one call, for decode steps and verifications (as many
+ * - layers_step runs whole layers, their linears included, in one call, for decode steps and verifications (as many
  *   rows as the linear kernels take in one pass over their weights): the draft's int4 layers (q4.c), so small that
  *   the eight foreign calls per layer of the path above cost 10-13% more per step, and the target's int8 layers
  *   (q8.c), where those calls and their torch allocations cost some 3 ms of a 30-60 ms step. It calls the same
@@ -68,6 +68,7 @@ static int linear(const layer_linear *l, const float *x, int64_t M, int64_t K, i
 typedef struct {
     float *k, *v, *bk, *bv;
     int64_t max_len, trunk_len, max_branch_len, branch_len, branches;
+    int64_t max_branches; /* rows the branch buffers hold: a layer's branch buffer is max_branches rows long */
 } kv_step;
 
 /* d[e] = q . key[e] for 4 keys of length n (a multiple of 8). Each is summed in one order (8 lanes along n, then
@@ -291,7 +292,7 @@ void layer_silu_mul(const float *gu, int64_t M, int64_t I, float *out) { silu_mu
 /* A whole layer: h [rows * t, H] -> out [rows * t, H], writing the step's keys and values into the cache; the
  * unfused path's calls (models/decoder.py) in its order. Returns 0, -1 (out of memory) or -2 (a row count the int4
  * linear has no code for). */
-int layer_step(const layer_weights *L, const float *h, int64_t rows, int64_t t, const float *cos, const float *sin,
+static int layer_step(const layer_weights *L, const float *h, int64_t rows, int64_t t, const float *cos, const float *sin,
                const kv_step *c, float *out) {
     const layer_shape *S = &L->s;
     const int64_t M = rows * t, H = S->hidden, D = S->head_dim, I = S->inter, A = S->heads * D;
@@ -323,5 +324,35 @@ int layer_step(const layer_weights *L, const float *h, int64_t rows, int64_t t, 
     free(o);
     free(n);
     free(gu);
+    return err;
+}
+
+/* Layers first .. first + n - 1 of a decoder, one after the other: L [n] their weights, c layer `first`'s cache view
+ * (kvcache.py keeps every layer in one tensor, so layer first + i's buffers lie i layer strides further). h [M, H]
+ * -> out [M, H]; keep [n] (or NULL): where keep[i] is not NULL it receives layer first + i's output (hidden states
+ * for H-RAD). One call per forward instead of one per layer: the per-layer Python around a call cost some 30 us, a
+ * tenth of the int4 draft's step. Returns as layer_step. */
+int layers_step(const layer_weights *L, int64_t n, const float *h, int64_t rows, int64_t t, const float *cos,
+                const float *sin, const kv_step *c, float *const *keep, float *out) {
+    const layer_shape *S = &L->s;
+    const int64_t M = rows * t, H = S->hidden;
+    const int64_t trunk = S->kv_heads * c->max_len * S->head_dim;                       /* floats per layer */
+    const int64_t branch = c->max_branches * S->kv_heads * c->max_branch_len * S->head_dim;
+    float *spare = n > 1 ? malloc((size_t)(M * H) * sizeof(float)) : NULL;
+    if (n > 1 && !spare) return -1;
+    const float *x = h;
+    int err = 0;
+    for (int64_t i = 0; i < n && !err; ++i) {
+        float *y = (n - 1 - i) % 2 ? spare : out; /* alternate so the last layer writes out and no layer's y is its x */
+        kv_step ci = *c;
+        ci.k += i * trunk;
+        ci.v += i * trunk;
+        ci.bk += i * branch;
+        ci.bv += i * branch;
+        err = layer_step(&L[i], x, rows, t, cos, sin, &ci, y);
+        if (!err && keep && keep[i]) memcpy(keep[i], y, (size_t)(M * H) * sizeof(float));
+        x = y;
+    }
+    free(spare);
     return err;
 }

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..errors import ModelError
 from ..kvcache import CacheView, KVCache
-from .fused import FusedLayer, NativeOps
+from .fused import FusedLayer, FusedRun, NativeOps
 from .linear import activation_dtype, make_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -212,6 +212,8 @@ class Decoder:
         self._cos = self._signed_sin = torch.empty(0)
         self.device = torch.device("cpu")
         self.native = NativeOps.of(cfg, self.dtype, self.device)  # the C path between the linears, or None
+        self.runs: list[tuple[int, int, FusedRun | None]] = []  # layers [first, end) and their fused run (_plan)
+        self._plan()
 
     def to(self, device: str | torch.device) -> "Decoder":
         """Move the weights to ``device`` (dense precisions only: the int8 kernel is FBGEMM's, CPU only)."""
@@ -259,12 +261,24 @@ class Decoder:
         _, i, attr = name.split(".")
         setattr(self.layers[int(i)], attr, linear)
         self.layers[int(i)].block = None  # its linears changed: fuse_layers decides again
+        self._plan()
 
     def fuse_layers(self) -> None:
         """Give every layer whose linears are all int4, or all int8 with the native kernel's weights, its fused
-        decode step (:class:`FusedLayer`)."""
+        decode step (:class:`FusedLayer`); consecutive ones of a kind run in one C call (:class:`FusedRun`)."""
         for layer in self.layers:
             layer.block = FusedLayer.of(layer, self.cfg)
+        self._plan()
+
+    def _plan(self) -> None:
+        """Split the layers into runs: consecutive fused layers of one kind, and the unfused ones between them."""
+        self.runs, first = [], 0
+        kind = lambda i: None if self.layers[i].block is None else self.layers[i].block.int8  # noqa: E731
+        for i in range(1, len(self.layers) + 1):
+            if i == len(self.layers) or kind(i) != kind(first):
+                blocks = [layer.block for layer in self.layers[first:i]]
+                self.runs.append((first, i, None if blocks[0] is None else FusedRun(blocks, first)))
+                first = i
 
     def new_cache(self, max_len: int, max_branches: int = 4, max_branch_len: int = 32) -> KVCache:
         c = self.cfg
@@ -312,25 +326,30 @@ class Decoder:
         kept = [h] if 0 in want else []
         ops = self.native if NativeOps.ENABLED else None
         step_rows = rows * t if FusedLayer.ENABLED and ops is not None else 0  # activation rows (0: none fused)
-        for i, layer in enumerate(self.layers):
-            if layer.block is not None and 0 < step_rows <= layer.block.max_rows():  # decode steps, not prompts
-                h = layer.block.step(h, cos, sin, cache, i)  # the whole layer in one foreign call (models/fused.py)
-            elif ops is not None:  # float32 on the CPU: everything between the linears in C (models/fused.py)
-                qkv = layer.qkv(ops.norm(h, layer.ln_attn))  # [rows, t, (Hq + 2 Hkv) D]
-                h1, m = ops.norm(layer.o(ops.attention(qkv, cos, sin, cache, i)), layer.ln_mlp, res=h)
-                h = layer.down(ops.silu_mul(layer.gate_up(m))).add_(h1)
-            else:
-                a = rms_norm(h, layer.ln_attn, c.rms_norm_eps)
-                qkv = layer.qkv(a).view(rows, t, hq + 2 * hkv, d).transpose(1, 2)  # [rows, Hq + 2 Hkv, t, D]
-                q, k = rope(qkv[:, : hq + hkv], cos, sin).split([hq, hkv], 1)  # q and k rotated in one go
-                v = qkv[:, hq + hkv :]  # [rows, Hkv, t, D]
-                o = attend(q, cache.write(i, k, v), self.scale)  # [rows, Hq, t, D]
-                h = h + layer.o(o.transpose(1, 2).reshape(rows, t, hq * d))
-                m = rms_norm(h, layer.ln_mlp, c.rms_norm_eps)
-                gate, up = layer.gate_up(m).chunk(2, dim=-1)  # [rows, t, I] each
-                h = h + layer.down(F.silu(gate) * up)
-            if i + 1 in want:
-                kept.append(h)
+        for first, end, run in self.runs:
+            if run is not None and 0 < step_rows <= run.max_rows():  # decode steps, not prompts
+                # the whole run in one foreign call (models/fused.py)
+                h, outs = run.step(h, cos, sin, cache, tuple(i - first for i in range(first, end) if i + 1 in want))
+                kept += outs
+                continue
+            for i in range(first, end):
+                layer = self.layers[i]
+                if ops is not None:  # float32 on the CPU: everything between the linears in C (models/fused.py)
+                    qkv = layer.qkv(ops.norm(h, layer.ln_attn))  # [rows, t, (Hq + 2 Hkv) D]
+                    h1, m = ops.norm(layer.o(ops.attention(qkv, cos, sin, cache, i)), layer.ln_mlp, res=h)
+                    h = layer.down(ops.silu_mul(layer.gate_up(m))).add_(h1)
+                else:
+                    a = rms_norm(h, layer.ln_attn, c.rms_norm_eps)
+                    qkv = layer.qkv(a).view(rows, t, hq + 2 * hkv, d).transpose(1, 2)  # [rows, Hq + 2 Hkv, t, D]
+                    q, k = rope(qkv[:, : hq + hkv], cos, sin).split([hq, hkv], 1)  # q and k rotated in one go
+                    v = qkv[:, hq + hkv :]  # [rows, Hkv, t, D]
+                    o = attend(q, cache.write(i, k, v), self.scale)  # [rows, Hq, t, D]
+                    h = h + layer.o(o.transpose(1, 2).reshape(rows, t, hq * d))
+                    m = rms_norm(h, layer.ln_mlp, c.rms_norm_eps)
+                    gate, up = layer.gate_up(m).chunk(2, dim=-1)  # [rows, t, I] each
+                    h = h + layer.down(F.silu(gate) * up)
+                if i + 1 in want:
+                    kept.append(h)
         x = h[:, -1:] if last_only else h
         x = rms_norm(x, self.norm, c.rms_norm_eps) if ops is None else ops.norm(x.contiguous(), self.norm)
         logits = self.lm_head(x)
