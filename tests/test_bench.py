@@ -147,13 +147,15 @@ def test_roofline_counts_only_the_rows_a_reduced_draft_head_reads(tiny_pair):
     saved = (head.out_features - len(reduced.backend.decoder.lm_head.ids)) * head.qweight.shape[1]
     assert full.backend.weight_bytes() - reduced.backend.weight_bytes() >= saved > 0
     lines = roofline(ModelConfig(target=str(tiny_pair["target"]), draft=str(tiny_pair["draft"]), draft_vocab=20),
-                     num_prompts=1, tokens=4)
+                     num_prompts=1, tokens=4, window_s=0.1)
     assert "bandwidth bound" in lines[-2] and lines[-1].startswith("draft/target per-token cost")
     assert lines[1].startswith("measured read bandwidth: median") and "one thread: median" in lines[1]
     from specbranch.bench.roofline import read_bandwidth
 
     bw = read_bandwidth(gb=0.05, repeats=3)
-    assert 0 < bw.median <= bw.best  # the bound is stated against the sustained (median) and the best read
+    assert len(bw.rates) == 3 and 0 < bw.median <= bw.best  # the bound is stated against the median and the best
+    longer = read_bandwidth(gb=0.05, repeats=1, seconds=0.2)  # reads until the window has passed
+    assert len(longer.rates) > 1 and len((bw + longer).rates) == 3 + len(longer.rates)
 
 
 def test_roofline_counts_the_int4_bytes_of_an_int4_draft(tiny_pair):
