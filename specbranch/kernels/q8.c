@@ -127,13 +127,19 @@ static inline float q8_output(int32_t dot, int32_t wsum, float mult, float s, co
     return bias ? v + bias[n] : v;
 }
 
-/* One block of 4 output rows against M activation rows (M a compile-time constant so the 4 * M
- * accumulators stay in registers). */
-#define Q8_BLOCK(M)                                                                                          \
-    static void q8_block_##M(const uint8_t *u, const float *s, int64_t C, const int8_t *wb,                   \
-                             const int32_t *wsum, const float *mult, const float *bias, int64_t N, int64_t b, \
-                             float *y) {                                                                     \
-        const __m256i ones = _mm256_set1_epi16(1);                                                           \
+/* acc + the 8 lane sums of xv's u8 times wv's s8 (4 products a lane): on AVX2 maddubs to 16 bits, madd to 32, add;
+ * on AVX-512 VNNI one dpbusd. The same integers either way. */
+#define Q8_DOT_AVX2(acc, xv, wv) \
+    _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(xv, wv), _mm256_set1_epi16(1)))
+#define Q8_DOT_VNNI(acc, xv, wv) _mm256_dpbusd_epi32(acc, xv, wv)
+#define Q8_VNNI "avx512f,avx512bw,avx512vl,avx512vnni"
+
+/* One block of 4 output rows against M activation rows in 256-bit registers (M a compile-time constant so the
+ * 4 * M accumulators stay in registers), named NAME_M, with the DOT step above and the function attributes ATTR. */
+#define Q8_BLOCK256(NAME, ATTR, DOT, M)                                                                      \
+    ATTR static void NAME##_##M(const uint8_t *u, const float *s, int64_t C, const int8_t *wb,               \
+                                const int32_t *wsum, const float *mult, const float *bias, int64_t N, int64_t b, \
+                                float *y) {                                                                  \
         const int64_t Kp = C * Q8_KC;                                                                        \
         const int8_t *p = wb + b * Q8_NB * Kp;                                                               \
         __m256i acc[M][Q8_NB];                                                                               \
@@ -142,10 +148,8 @@ static inline float q8_output(int32_t dot, int32_t wsum, float mult, float s, co
         for (int64_t c = 0; c < C; ++c, p += Q8_NB * Q8_KC) {                                                \
             for (int i = 0; i < M; ++i) {                                                                    \
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(u + i * Kp + c * Q8_KC));            \
-                for (int j = 0; j < Q8_NB; ++j) {                                                            \
-                    const __m256i wv = _mm256_loadu_si256((const __m256i *)(p + j * Q8_KC));                 \
-                    acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(_mm256_maddubs_epi16(xv, wv), ones)); \
-                }                                                                                            \
+                for (int j = 0; j < Q8_NB; ++j)                                                              \
+                    acc[i][j] = DOT(acc[i][j], xv, _mm256_loadu_si256((const __m256i *)(p + j * Q8_KC)));    \
             }                                                                                                \
         }                                                                                                    \
         for (int j = 0; j < Q8_NB; ++j) {                                                                    \
@@ -156,14 +160,22 @@ static inline float q8_output(int32_t dot, int32_t wsum, float mult, float s, co
         }                                                                                                    \
     }
 
-Q8_BLOCK(1)
-Q8_BLOCK(2)
+Q8_BLOCK256(q8_block, , Q8_DOT_AVX2, 1)
+Q8_BLOCK256(q8_block, , Q8_DOT_AVX2, 2)
+
+/* The same block on AVX-512 VNNI in 256-bit registers, for 1-2 rows: one dpbusd per row and weight row. Below
+ * Q8_PREFETCH_ROWS rows a step does little but load, and on Zen 4 256-bit loads stream faster than 512-bit ones:
+ * sums over one 1 GB buffer on two threads read 42.9 against 39.2 GB/s (29.4 against 27.2 when the VM's bus share
+ * is low; torch's sum 43.5 and 29.7). All the target's int8 linears at 1 row, in turn with the 512-bit code
+ * (medians, rounds split by the bus share): two threads 1.05-1.07x, one thread 1.05-1.14x; at 2 rows level
+ * (0.99-1.02x). The 512-bit code stays for 3-8 rows, where the multiplies count. */
+Q8_BLOCK256(q8_vnni256_block, __attribute__((target(Q8_VNNI))), Q8_DOT_VNNI, 1)
+Q8_BLOCK256(q8_vnni256_block, __attribute__((target(Q8_VNNI))), Q8_DOT_VNNI, 2)
 
 /* The same block on AVX-512 VNNI. A 64-byte load holds two rows' 32-column chunk (rows 0-1 and 2-3 of the
  * block), and each activation chunk is broadcast to both halves, so one dpbusd serves two output rows: acc[i][h]
  * holds row 2h in its low 256 bits and row 2h + 1 in its high ones. 2 * M accumulators: 16 of 32 registers at
  * M = 8. */
-#define Q8_VNNI "avx512f,avx512bw,avx512vl,avx512vnni"
 #define Q8_VNNI_BLOCK(M)                                                                                     \
     __attribute__((target(Q8_VNNI))) static void q8_vnni_block_##M(                                          \
         const uint8_t *u, const float *s, int64_t C, const int8_t *wb, const int32_t *wsum, const float *mult, \
@@ -200,39 +212,6 @@ Q8_BLOCK(2)
         }                                                                                                    \
     }
 
-/* The same block on AVX-512 VNNI with 256-bit registers, for 1-2 rows: one dpbusd per row and weight row, as the
- * AVX2 code's layout, 4 * M accumulators. Below Q8_PREFETCH_ROWS rows a step does little but load, and on Zen 4
- * 256-bit loads stream faster than 512-bit ones: sums over one 1 GB buffer on two threads read 42.9 against 39.2
- * GB/s (29.4 against 27.2 when the VM's bus share is low; torch's sum 43.5 and 29.7). All the target's int8 linears
- * at 1 row, in turn with the 512-bit code (medians, rounds split by the bus share): two threads 1.05-1.07x, one
- * thread 1.05-1.14x; at 2 rows level (0.99-1.02x). The 512-bit code stays for 3-8 rows, where the multiplies count. */
-#define Q8_VNNI256_BLOCK(M)                                                                                  \
-    __attribute__((target(Q8_VNNI))) static void q8_vnni256_block_##M(                                       \
-        const uint8_t *u, const float *s, int64_t C, const int8_t *wb, const int32_t *wsum, const float *mult, \
-        const float *bias, int64_t N, int64_t b, float *y) {                                                 \
-        const int64_t Kp = C * Q8_KC;                                                                        \
-        const int8_t *p = wb + b * Q8_NB * Kp;                                                               \
-        __m256i acc[M][Q8_NB];                                                                               \
-        for (int i = 0; i < M; ++i)                                                                          \
-            for (int j = 0; j < Q8_NB; ++j) acc[i][j] = _mm256_setzero_si256();                              \
-        for (int64_t c = 0; c < C; ++c, p += Q8_NB * Q8_KC) {                                                \
-            for (int i = 0; i < M; ++i) {                                                                    \
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(u + i * Kp + c * Q8_KC));            \
-                for (int j = 0; j < Q8_NB; ++j)                                                              \
-                    acc[i][j] = _mm256_dpbusd_epi32(acc[i][j], xv,                                           \
-                                                    _mm256_loadu_si256((const __m256i *)(p + j * Q8_KC)));   \
-            }                                                                                                \
-        }                                                                                                    \
-        for (int j = 0; j < Q8_NB; ++j) {                                                                    \
-            const int64_t n = b * Q8_NB + j;                                                                 \
-            if (n >= N) break;                                                                               \
-            for (int i = 0; i < M; ++i)                                                                      \
-                y[i * N + n] = q8_output(hsum_epi32(acc[i][j]), wsum[n], mult[n], s[i], bias, n);            \
-        }                                                                                                    \
-    }
-
-Q8_VNNI256_BLOCK(1)
-Q8_VNNI256_BLOCK(2)
 Q8_VNNI_BLOCK(3)
 Q8_VNNI_BLOCK(4)
 Q8_VNNI_BLOCK(5)
