@@ -127,7 +127,8 @@ def test_fused_step_applies_only_to_int4_layers_and_small_steps(tmp_path, step_c
     assert [(first, end) for first, end, _ in decoder.runs] == [(0, len(decoder.layers))]
     decoder.set_linear("layers.1.qkv", decoder.layers[1].qkv.base)  # a layer whose linears change decides again
     assert decoder.layers[1].block is None and decoder.layers[0].block is block
-    assert [(first, end, run is None) for first, end, run in decoder.runs] == [(0, 1, False), (1, 2, True), (2, 3, False)]
+    runs = [(first, end, run is None) for first, end, run in decoder.runs]
+    assert runs == [(0, 1, False), (1, 2, True), (2, 3, False)]
     step_calls.clear()
     got = backend.forward(torch.tensor([[2]])).logits  # layers 0 and 2 fused, layer 1 through its linears
     assert step_calls == [(1, 1, decoder.cfg.hidden_size)] * 2
@@ -150,7 +151,8 @@ def test_fused_int8_step_is_the_unfused_layer_bit_for_bit(model_type, kernel_isa
     def steps():
         """Logits and hidden states (H-RAD reads the target's: the embeddings, a middle layer, the last one)."""
         backend.reset()
-        tokens = [[[5, 9, 2, 7, 1, 3, 8, 4, 6, 2, 9]], [[4]], [[6, 11, 3, 5, 7, 1, 2, 8][:kernel_isa]]]  # prompt unfused
+        block = [6, 11, 3, 5, 7, 1, 2, 8][:kernel_isa]
+        tokens = [[[5, 9, 2, 7, 1, 3, 8, 4, 6, 2, 9]], [[4]], [block]]  # the prompt (11 tokens) runs unfused
         out = [backend.forward(torch.tensor(x), hidden_layers=(0, 2, -1)) for x in tokens]
         backend.fork(2)
         out.append(backend.forward(torch.tensor([[1], [2]]), hidden_layers=(0, 2, -1)))

@@ -42,7 +42,7 @@ typedef struct {
 
 /* One linear of a fused layer, as its kernel reads it (models/fused.py LinearRef). */
 typedef struct {
-    int64_t bits;      /* 4: q4.c, w = packed nibbles, aux = float scales; 8: q8.c, w = blocked int8, aux = int32 row sums */
+    int64_t bits;      /* 4: q4.c, w = packed nibbles, aux = float scales; 8: q8.c, w = blocked int8, aux = row sums */
     const void *w, *aux;
     const float *mult; /* int8: FBGEMM's output multipliers */
     const float *bias; /* or NULL */
@@ -292,8 +292,8 @@ void layer_silu_mul(const float *gu, int64_t M, int64_t I, float *out) { silu_mu
 /* A whole layer: h [rows * t, H] -> out [rows * t, H], writing the step's keys and values into the cache; the
  * unfused path's calls (models/decoder.py) in its order. Returns 0, -1 (out of memory) or -2 (a row count the int4
  * linear has no code for). */
-static int layer_step(const layer_weights *L, const float *h, int64_t rows, int64_t t, const float *cos, const float *sin,
-               const kv_step *c, float *out) {
+static int layer_step(const layer_weights *L, const float *h, int64_t rows, int64_t t, const float *cos,
+                      const float *sin, const kv_step *c, float *out) {
     const layer_shape *S = &L->s;
     const int64_t M = rows * t, H = S->hidden, D = S->head_dim, I = S->inter, A = S->heads * D;
     const int64_t N = (S->heads + 2 * S->kv_heads) * D;

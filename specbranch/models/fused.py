@@ -139,9 +139,9 @@ class NativeOps:
 
 
 class FusedLayer:
-    """A layer run by one C call (``layer_step``) for steps of up to :meth:`max_rows` tokens (rows x t): one whose
-    four linears are all :class:`Int4Linear` (the draft) or all :class:`Int8Linear` with the native kernel's
-    weights built (the target); :meth:`of` gives None for any other layer."""
+    """A layer that runs whole in C (``layer_step``, through :class:`FusedRun`) for steps of up to :meth:`max_rows`
+    tokens (rows x t): one whose four linears are all :class:`Int4Linear` (the draft) or all :class:`Int8Linear`
+    with the native kernel's weights built (the target); :meth:`of` gives None for any other layer."""
 
     ENABLED = True  # tests set False to compare with the unfused path
 
