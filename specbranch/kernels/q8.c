@@ -50,7 +50,7 @@
 #define Q8_ZERO 64 /* activation offset: u = q + 64 */
 #define Q8_NB 4    /* output rows per block */
 #define Q8_KC 32   /* columns per chunk */
-/* VNNI code: prefetch the weights 8 KB ahead into L1 and 32 KB ahead into L2. At 8 rows one core computes
+/* VNNI code for 3-8 rows: prefetch the weights 8 KB ahead into L1 and 32 KB ahead into L2. At 8 rows one core computes
  * for about as long as the weights take to stream, and without prefetching the two did not overlap: a
  * simulated target step (the real shapes, 1.55 GB) took 206-216 ms at 8 rows on one core, 146-170 ms with
  * 4-8 KB of L1 lead. That still left one core at 8 rows streaming about 14 GB/s against 24 at 1 row: the
@@ -58,7 +58,7 @@
  * in flight: single int8 linears of the target's shapes, weights from memory, one core, 8 rows, Zen 4
  * (medians of 7, two alternations): 1536x17920 1.96-2.22 -> 1.27 ms, 8960x1536 1.31-1.53 -> 0.60-0.61 ms,
  * 1536x2048 0.28-0.39 -> 0.18 ms; at 1 row 1.27-1.41 -> 1.16-1.17 ms for the first.
- * Below Q8_PREFETCH_ROWS rows there is no software prefetch at all: there a core computes for far less time
+ * The 1-2 row codes (256-bit, below) have no software prefetch at all: there a core computes for far less time
  * than the weights take to stream, and the hardware prefetcher alone kept more lines in flight. All the
  * target's int8 linears at 1 row, weights from memory, Zen 4, each variant built from this file and run in
  * turn (medians of 5, two runs): one thread 17.7/20.6 GB/s with both prefetches, 25.5/26.0 with none (a plain
@@ -66,7 +66,6 @@
  * 22.1; at 4 rows level (19.4/19.2); at 8 rows none fell to 9.1-10.9 GB/s against 16.3-21.4. */
 #define Q8_PREFETCH 8192
 #define Q8_PREFETCH_L2 32768
-#define Q8_PREFETCH_ROWS 3
 
 static inline int32_t hsum_epi32(__m256i v) {
     __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
@@ -164,11 +163,11 @@ Q8_BLOCK256(q8_block, , Q8_DOT_AVX2, 1)
 Q8_BLOCK256(q8_block, , Q8_DOT_AVX2, 2)
 
 /* The same block on AVX-512 VNNI in 256-bit registers, for 1-2 rows: one dpbusd per row and weight row. Below
- * Q8_PREFETCH_ROWS rows a step does little but load, and on Zen 4 256-bit loads stream faster than 512-bit ones:
+ * 3 rows a step does little but load, and on Zen 4 256-bit loads stream faster than 512-bit ones:
  * sums over one 1 GB buffer on two threads read 42.9 against 39.2 GB/s (29.4 against 27.2 when the VM's bus share
  * is low; torch's sum 43.5 and 29.7). All the target's int8 linears at 1 row, in turn with the 512-bit code
  * (medians, rounds split by the bus share): two threads 1.05-1.07x, one thread 1.05-1.14x; at 2 rows level
- * (0.99-1.02x). The 512-bit code stays for 3-8 rows, where the multiplies count. */
+ * (0.99-1.02x). The 512-bit code, with its prefetches, stays for 3-8 rows, where the multiplies count. */
 Q8_BLOCK256(q8_vnni256_block, __attribute__((target(Q8_VNNI))), Q8_DOT_VNNI, 1)
 Q8_BLOCK256(q8_vnni256_block, __attribute__((target(Q8_VNNI))), Q8_DOT_VNNI, 2)
 
@@ -185,12 +184,10 @@ Q8_BLOCK256(q8_vnni256_block, __attribute__((target(Q8_VNNI))), Q8_DOT_VNNI, 2)
         __m512i acc[M][2];                                                                                   \
         for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();                         \
         for (int64_t c = 0; c < C; ++c, p += Q8_NB * Q8_KC) {                                                \
-            if (M >= Q8_PREFETCH_ROWS) { /* a constant: each row count's code has the prefetches or not */    \
-                _mm_prefetch((const char *)p + Q8_PREFETCH, _MM_HINT_T0);                                    \
-                _mm_prefetch((const char *)p + Q8_PREFETCH + 64, _MM_HINT_T0);                               \
-                _mm_prefetch((const char *)p + Q8_PREFETCH_L2, _MM_HINT_T1);                                 \
-                _mm_prefetch((const char *)p + Q8_PREFETCH_L2 + 64, _MM_HINT_T1);                            \
-            }                                                                                                \
+            _mm_prefetch((const char *)p + Q8_PREFETCH, _MM_HINT_T0);                                        \
+            _mm_prefetch((const char *)p + Q8_PREFETCH + 64, _MM_HINT_T0);                                   \
+            _mm_prefetch((const char *)p + Q8_PREFETCH_L2, _MM_HINT_T1);                                     \
+            _mm_prefetch((const char *)p + Q8_PREFETCH_L2 + 64, _MM_HINT_T1);                                \
             const __m512i w01 = _mm512_loadu_si512((const void *)p);                                         \
             const __m512i w23 = _mm512_loadu_si512((const void *)(p + 2 * Q8_KC));                           \
             for (int i = 0; i < M; ++i) {                                                                    \

@@ -194,13 +194,13 @@ class FusedRun:
         rows, t, hidden = h.shape
         where = CacheStep.of(cache, self.first)
         cos, sin = cos.contiguous(), sin.contiguous()
-        kept = torch.empty(len(keep), rows, t, hidden) if keep else None  # [kept layers, rows, t, H]
-        slots = None
+        kept, slots = [], None  # the kept layers' outputs [rows, t, H] each, and where layers_step writes them
         if keep:
+            kept = list(torch.empty(len(keep), rows, t, hidden))
             slots = (_p * len(self.blocks))()
             for j, i in enumerate(keep):
                 slots[i] = kept[j].data_ptr()
         kind = "fused int8 layer" if self.int8 else "fused int4 layer"
         out = _kernel_linear(kind, h, rows * t, hidden, Int4Linear.MAX_ROWS, lambda x, y: self.lib.layers_step(
             self.weights, len(self.blocks), x, rows, t, cos.data_ptr(), sin.data_ptr(), ctypes.byref(where), slots, y))
-        return out, list(kept) if keep else []
+        return out, kept
