@@ -28,11 +28,18 @@
  * whose loads stream faster on Zen 4; 3-8 in 512-bit ones). Both codes give the same bits.
  * Larger calls (prompts, while a core is lent: lend.c) go over each block's weights in groups of that many rows.
  *
- * Weight layout ("blocked"): blocks of 4 output rows; inside a block, for each 32-column chunk, the
- * 4 rows' 32 bytes one after another: w_blk[N/4][K/32][4][32] (zero-padded to whole blocks and
- * chunks). A block's weights are then one sequential run of memory. The row-major layout read 4
- * rows at a time is 4 short streams (1.5 KB each for the 1.5B target), which the hardware
- * prefetcher follows badly: a simulated target step read 12.9 GB/s that way against 18.4 blocked.
+ * Weight layout ("blocked"): blocks of 32 output rows; inside a block, for each group of 4 columns, the
+ * 32 rows' 4 bytes one after another: w_blk[N/32][K/4][32][4] (zero-padded to whole blocks and
+ * groups). A block's weights are then one sequential run of memory: the row-major layout read a few
+ * rows at a time is that many short streams (1.5 KB each for the 1.5B target), which the hardware
+ * prefetcher follows badly (a simulated target step read 12.9 GB/s that way against 18.4 blocked). And
+ * a 32-bit lane of a register holds one output row's 4 columns, so the activation's 4 bytes broadcast
+ * to every lane make one multiply-add step for 8 (256-bit) or 16 (512-bit) output rows, each lane summing
+ * its own row: no horizontal sums at the end of a block. An earlier layout (blocks of 4 rows, 32 columns
+ * of a row per register half) needed 4 horizontal sums per row and block; this one, with the accumulators
+ * kept in registers (see the block codes), measured over all the target's int8 linears, weights from memory,
+ * in turn with the old code (medians of 7): one thread 1.36-1.46x at 8 rows, 1.07x at 3, level at 4-6,
+ * 1.16x at 2, 1.02x at 1; two threads 1.20x at 8 rows, 1.17x at 4, 1.05x at 2, 1.03x at 1.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -46,10 +53,10 @@
 #define Q8_MMAX 2       /* most activation rows per pass over a block's weights on AVX2 */
 #define Q8_VNNI_MMAX 8  /* ... and on AVX-512 VNNI, per pass over a block's weights */
 #define Q8_PASS_ROWS 64 /* rows per pass over the weights (larger calls make several passes); a block's weights
-                          * are read from memory once per pass and from L1 for each group of up to 2/8 rows */
+                          * are read from memory once per pass and from L1/L2 for each group of up to 2/8 rows */
 #define Q8_ZERO 64 /* activation offset: u = q + 64 */
-#define Q8_NB 4    /* output rows per block */
-#define Q8_KC 32   /* columns per chunk */
+#define Q8_NB 32   /* output rows per block */
+#define Q8_KG 4    /* columns per group: the 4 products one 32-bit lane sums */
 /* VNNI code for 3-8 rows: prefetch the weights 8 KB ahead into L1 and 32 KB ahead into L2. At 8 rows one core computes
  * for about as long as the weights take to stream, and without prefetching the two did not overlap: a
  * simulated target step (the real shapes, 1.55 GB) took 206-216 ms at 8 rows on one core, 146-170 ms with
@@ -67,34 +74,27 @@
 #define Q8_PREFETCH 8192
 #define Q8_PREFETCH_L2 32768
 
-static inline int32_t hsum_epi32(__m256i v) {
-    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
-    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
-    return _mm_cvtsi128_si32(s);
-}
-
 static inline int64_t q8_blocks(int64_t N) { return (N + Q8_NB - 1) / Q8_NB; }
-static inline int64_t q8_chunks(int64_t K) { return (K + Q8_KC - 1) / Q8_KC; }
+static inline int64_t q8_groups(int64_t K) { return (K + Q8_KG - 1) / Q8_KG; }
 
 /* Rows of the blocked copy (N rounded up to whole blocks): the length of q8_pack's wsum. */
 int64_t q8_padded_rows(int64_t N) { return q8_blocks(N) * Q8_NB; }
 
 /* Bytes of the blocked copy of an [N, K] weight. */
-int64_t q8_packed_size(int64_t N, int64_t K) { return q8_padded_rows(N) * q8_chunks(K) * Q8_KC; }
+int64_t q8_packed_size(int64_t N, int64_t K) { return q8_padded_rows(N) * q8_groups(K) * Q8_KG; }
 
 /* w [N, K] int8 (row stride ldw) -> out (q8_packed_size bytes, blocked layout) and wsum [q8_padded_rows]
  * (row sums; 0 for padding rows). */
 void q8_pack(const int8_t *w, int64_t N, int64_t K, int64_t ldw, int8_t *out, int32_t *wsum) {
-    const int64_t C = q8_chunks(K);
+    const int64_t G = q8_groups(K);
     memset(out, 0, (size_t)q8_packed_size(N, K));
     memset(wsum, 0, (size_t)q8_padded_rows(N) * sizeof(int32_t));
     for (int64_t n = 0; n < N; ++n) {
         const int8_t *row = w + n * ldw;
-        int8_t *dst = out + (n / Q8_NB) * Q8_NB * C * Q8_KC + (n % Q8_NB) * Q8_KC; /* chunk 0 of row n */
-        for (int64_t c = 0; c < C; ++c) {
-            const int64_t len = K - c * Q8_KC < Q8_KC ? K - c * Q8_KC : Q8_KC;
-            memcpy(dst + c * Q8_NB * Q8_KC, row + c * Q8_KC, (size_t)len);
+        int8_t *dst = out + (n / Q8_NB) * Q8_NB * G * Q8_KG + (n % Q8_NB) * Q8_KG; /* group 0 of row n */
+        for (int64_t g = 0; g < G; ++g) {
+            const int64_t len = K - g * Q8_KG < Q8_KG ? K - g * Q8_KG : Q8_KG;
+            memcpy(dst + g * Q8_NB * Q8_KG, row + g * Q8_KG, (size_t)len);
         }
         int32_t t = 0;
         for (int64_t k = 0; k < K; ++k) t += row[k];
@@ -102,7 +102,7 @@ void q8_pack(const int8_t *w, int64_t N, int64_t K, int64_t ldw, int8_t *out, in
     }
 }
 
-/* x [M, K] float -> u [M, C * 32] (u8, padded with the offset, i.e. q = 0), s [M] row absmax. The same
+/* x [M, K] float -> u [M, Kp] (u8, padded with the offset, i.e. q = 0), s [M] row absmax. The same
  * float operations as Int8Linear + FBGEMM: s = max(absmax, 1e-30); u = rint(fma(x / s, inv, 64)). The fused
  * multiply-add matters: rint(x / s * inv) + 64 rounds differently within an ulp of a tie, and on the real
  * target that flipped one activation in some decode steps (the tests hold values there). */
@@ -126,6 +126,35 @@ static inline float q8_output(int32_t dot, int32_t wsum, float mult, float s, co
     return bias ? v + bias[n] : v;
 }
 
+/* q8_output for rows n0..n0+7 of one activation row (dot: their integer sums), as a vector where all 8 rows
+ * exist; the same float operations in the same order, so the same bits. A last block's rows past N are padding. */
+static inline void q8_output8(__m256i dot, const int32_t *wsum, const float *mult, float s, const float *bias,
+                              int64_t N, int64_t n0, float *yrow) {
+    if (n0 + 8 <= N) {
+        const __m256i w = _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i *)(wsum + n0)), _mm256_set1_epi32(Q8_ZERO));
+        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dot, w)), _mm256_loadu_ps(mult + n0));
+        v = _mm256_mul_ps(v, _mm256_set1_ps(s));
+        if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n0));
+        _mm256_storeu_ps(yrow + n0, v);
+        return;
+    }
+    int32_t d[8];
+    _mm256_storeu_si256((__m256i *)d, dot);
+    for (int64_t l = 0; n0 + l < N; ++l) yrow[n0 + l] = q8_output(d[l], wsum[n0 + l], mult[n0 + l], s, bias, n0 + l);
+}
+
+/* The outputs of block b for M activation rows from their integer sums dots [M][32] (every code's last step). */
+static void q8_outputs(const int32_t *dots, int M, const float *s, const int32_t *wsum, const float *mult,
+                       const float *bias, int64_t N, int64_t b, float *y) {
+    for (int i = 0; i < M; ++i)
+        for (int j = 0; j < Q8_NB; j += 8)
+            q8_output8(_mm256_loadu_si256((const __m256i *)(dots + i * Q8_NB + j)), wsum, mult, s[i], bias, N,
+                       b * Q8_NB + j, y + i * N);
+}
+
+/* Activation row i's group c (4 u8) in every 32-bit lane. */
+#define Q8_X32(i) ({ int32_t x_; memcpy(&x_, u + (i) * Kp + c * Q8_KG, 4); x_; })
+
 /* acc + the 8 lane sums of xv's u8 times wv's s8 (4 products a lane): on AVX2 maddubs to 16 bits, madd to 32, add;
  * on AVX-512 VNNI one dpbusd. The same integers either way. */
 #define Q8_DOT_AVX2(acc, xv, wv) \
@@ -133,36 +162,49 @@ static inline float q8_output(int32_t dot, int32_t wsum, float mult, float s, co
 #define Q8_DOT_VNNI(acc, xv, wv) _mm256_dpbusd_epi32(acc, xv, wv)
 #define Q8_VNNI "avx512f,avx512bw,avx512vl,avx512vnni"
 
-/* One block of 4 output rows against M activation rows in 256-bit registers (M a compile-time constant so the
- * 4 * M accumulators stay in registers), named NAME_M, with the DOT step above and the function attributes ATTR. */
+/* The block codes keep their accumulators in named variables (a<row><part>), one statement per row guarded by a
+ * constant test, not in an array: over an array of vectors living across the loop, gcc 12 copied every
+ * accumulator into another register and back around each dpbusd (two extra moves per multiply). */
+
+/* One block of 32 output rows against M (1-2) activation rows in 256-bit registers, named NAME_M, with the DOT step
+ * above and the function attributes ATTR. A group's 128 bytes are 4 registers of 8 rows each, and a lane of
+ * a<i><j> sums row 8j + lane's products for activation row i: the results need no horizontal sums. */
+#define Q8_ROW256(DOT, M, i)                                                                                 \
+    if ((i) < (M)) {                                                                                         \
+        const __m256i xv = _mm256_set1_epi32(Q8_X32(i));                                                     \
+        a##i##0 = DOT(a##i##0, xv, w0), a##i##1 = DOT(a##i##1, xv, w1);                                      \
+        a##i##2 = DOT(a##i##2, xv, w2), a##i##3 = DOT(a##i##3, xv, w3);                                      \
+    }
+#define Q8_SAVE256(M, i)                                                                                     \
+    if ((i) < (M)) {                                                                                         \
+        __m256i *d_ = (__m256i *)(dots + (i) * Q8_NB);                                                       \
+        _mm256_storeu_si256(d_, a##i##0), _mm256_storeu_si256(d_ + 1, a##i##1);                              \
+        _mm256_storeu_si256(d_ + 2, a##i##2), _mm256_storeu_si256(d_ + 3, a##i##3);                          \
+    }
 #define Q8_BLOCK256(NAME, ATTR, DOT, M)                                                                      \
     ATTR static void NAME##_##M(const uint8_t *u, const float *s, int64_t C, const int8_t *wb,               \
                                 const int32_t *wsum, const float *mult, const float *bias, int64_t N, int64_t b, \
                                 float *y) {                                                                  \
-        const int64_t Kp = C * Q8_KC;                                                                        \
+        const int64_t Kp = C * Q8_KG;                                                                        \
         const int8_t *p = wb + b * Q8_NB * Kp;                                                               \
-        __m256i acc[M][Q8_NB];                                                                               \
-        for (int i = 0; i < M; ++i)                                                                          \
-            for (int j = 0; j < Q8_NB; ++j) acc[i][j] = _mm256_setzero_si256();                              \
-        for (int64_t c = 0; c < C; ++c, p += Q8_NB * Q8_KC) {                                                \
-            for (int i = 0; i < M; ++i) {                                                                    \
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(u + i * Kp + c * Q8_KC));            \
-                for (int j = 0; j < Q8_NB; ++j)                                                              \
-                    acc[i][j] = DOT(acc[i][j], xv, _mm256_loadu_si256((const __m256i *)(p + j * Q8_KC)));    \
-            }                                                                                                \
+        __m256i a00, a01, a02, a03, a10, a11, a12, a13;                                                      \
+        a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = _mm256_setzero_si256();                              \
+        for (int64_t c = 0; c < C; ++c, p += Q8_NB * Q8_KG) {                                                \
+            const __m256i w0 = _mm256_loadu_si256((const __m256i *)p);                                       \
+            const __m256i w1 = _mm256_loadu_si256((const __m256i *)(p + 32));                                \
+            const __m256i w2 = _mm256_loadu_si256((const __m256i *)(p + 64));                                \
+            const __m256i w3 = _mm256_loadu_si256((const __m256i *)(p + 96));                                \
+            Q8_ROW256(DOT, M, 0) Q8_ROW256(DOT, M, 1)                                                        \
         }                                                                                                    \
-        for (int j = 0; j < Q8_NB; ++j) {                                                                    \
-            const int64_t n = b * Q8_NB + j;                                                                 \
-            if (n >= N) break;                                                                               \
-            for (int i = 0; i < M; ++i)                                                                      \
-                y[i * N + n] = q8_output(hsum_epi32(acc[i][j]), wsum[n], mult[n], s[i], bias, n);            \
-        }                                                                                                    \
+        int32_t dots[M * Q8_NB];                                                                             \
+        Q8_SAVE256(M, 0) Q8_SAVE256(M, 1)                                                                    \
+        q8_outputs(dots, M, s, wsum, mult, bias, N, b, y);                                                   \
     }
 
 Q8_BLOCK256(q8_block, , Q8_DOT_AVX2, 1)
 Q8_BLOCK256(q8_block, , Q8_DOT_AVX2, 2)
 
-/* The same block on AVX-512 VNNI in 256-bit registers, for 1-2 rows: one dpbusd per row and weight row. Below
+/* The same block on AVX-512 VNNI in 256-bit registers, for 1-2 rows: one dpbusd per row and 8 weight rows. Below
  * 3 rows a step does little but load, and on Zen 4 256-bit loads stream faster than 512-bit ones:
  * sums over one 1 GB buffer on two threads read 42.9 against 39.2 GB/s (29.4 against 27.2 when the VM's bus share
  * is low; torch's sum 43.5 and 29.7). All the target's int8 linears at 1 row, in turn with the 512-bit code
@@ -171,42 +213,41 @@ Q8_BLOCK256(q8_block, , Q8_DOT_AVX2, 2)
 Q8_BLOCK256(q8_vnni256_block, __attribute__((target(Q8_VNNI))), Q8_DOT_VNNI, 1)
 Q8_BLOCK256(q8_vnni256_block, __attribute__((target(Q8_VNNI))), Q8_DOT_VNNI, 2)
 
-/* The same block on AVX-512 VNNI. A 64-byte load holds two rows' 32-column chunk (rows 0-1 and 2-3 of the
- * block), and each activation chunk is broadcast to both halves, so one dpbusd serves two output rows: acc[i][h]
- * holds row 2h in its low 256 bits and row 2h + 1 in its high ones. 2 * M accumulators: 16 of 32 registers at
- * M = 8. */
+/* The same block on AVX-512 VNNI in 512-bit registers, for 3-8 rows: a group's 128 bytes are 2 registers of 16
+ * rows, and one dpbusd serves 16 output rows. 2 * M accumulators: 16 of 32 registers at M = 8. */
+#define Q8_ROW512(M, i)                                                                                      \
+    if ((i) < (M)) {                                                                                         \
+        const __m512i xv = _mm512_set1_epi32(Q8_X32(i));                                                     \
+        a##i##0 = _mm512_dpbusd_epi32(a##i##0, xv, w0), a##i##1 = _mm512_dpbusd_epi32(a##i##1, xv, w1);      \
+    }
+#define Q8_SAVE512(M, i)                                                                                     \
+    if ((i) < (M)) {                                                                                         \
+        _mm512_storeu_si512(dots + (i) * Q8_NB, a##i##0);                                                    \
+        _mm512_storeu_si512(dots + (i) * Q8_NB + 16, a##i##1);                                               \
+    }
 #define Q8_VNNI_BLOCK(M)                                                                                     \
     __attribute__((target(Q8_VNNI))) static void q8_vnni_block_##M(                                          \
         const uint8_t *u, const float *s, int64_t C, const int8_t *wb, const int32_t *wsum, const float *mult, \
         const float *bias, int64_t N, int64_t b, float *y) {                                                 \
-        const int64_t Kp = C * Q8_KC;                                                                        \
+        const int64_t Kp = C * Q8_KG;                                                                        \
         const int8_t *p = wb + b * Q8_NB * Kp;                                                               \
-        __m512i acc[M][2];                                                                                   \
-        for (int i = 0; i < M; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_si512();                         \
-        for (int64_t c = 0; c < C; ++c, p += Q8_NB * Q8_KC) {                                                \
+        __m512i a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51, a60, a61, a70, a71;              \
+        a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = _mm512_setzero_si512();                              \
+        a40 = a41 = a50 = a51 = a60 = a61 = a70 = a71 = _mm512_setzero_si512();                              \
+        for (int64_t c = 0; c < C; ++c, p += Q8_NB * Q8_KG) {                                                \
             _mm_prefetch((const char *)p + Q8_PREFETCH, _MM_HINT_T0);                                        \
             _mm_prefetch((const char *)p + Q8_PREFETCH + 64, _MM_HINT_T0);                                   \
             _mm_prefetch((const char *)p + Q8_PREFETCH_L2, _MM_HINT_T1);                                     \
             _mm_prefetch((const char *)p + Q8_PREFETCH_L2 + 64, _MM_HINT_T1);                                \
-            const __m512i w01 = _mm512_loadu_si512((const void *)p);                                         \
-            const __m512i w23 = _mm512_loadu_si512((const void *)(p + 2 * Q8_KC));                           \
-            for (int i = 0; i < M; ++i) {                                                                    \
-                const __m512i xv = _mm512_broadcast_i64x4(                                                   \
-                    _mm256_loadu_si256((const __m256i *)(u + i * Kp + c * Q8_KC)));                          \
-                acc[i][0] = _mm512_dpbusd_epi32(acc[i][0], xv, w01);                                         \
-                acc[i][1] = _mm512_dpbusd_epi32(acc[i][1], xv, w23);                                         \
-            }                                                                                                \
+            const __m512i w0 = _mm512_loadu_si512((const void *)p);                                          \
+            const __m512i w1 = _mm512_loadu_si512((const void *)(p + 64));                                   \
+            Q8_ROW512(M, 0) Q8_ROW512(M, 1) Q8_ROW512(M, 2) Q8_ROW512(M, 3)                                  \
+            Q8_ROW512(M, 4) Q8_ROW512(M, 5) Q8_ROW512(M, 6) Q8_ROW512(M, 7)                                  \
         }                                                                                                    \
-        for (int j = 0; j < Q8_NB; ++j) {                                                                    \
-            const int64_t n = b * Q8_NB + j;                                                                 \
-            if (n >= N) break;                                                                               \
-            for (int i = 0; i < M; ++i) {                                                                    \
-                const __m512i a = acc[i][j / 2];                                                             \
-                const int32_t dot = j % 2 ? hsum_epi32(_mm512_extracti64x4_epi64(a, 1))                      \
-                                          : hsum_epi32(_mm512_castsi512_si256(a));                           \
-                y[i * N + n] = q8_output(dot, wsum[n], mult[n], s[i], bias, n);                              \
-            }                                                                                                \
-        }                                                                                                    \
+        int32_t dots[M * Q8_NB];                                                                             \
+        Q8_SAVE512(M, 0) Q8_SAVE512(M, 1) Q8_SAVE512(M, 2) Q8_SAVE512(M, 3)                                  \
+        Q8_SAVE512(M, 4) Q8_SAVE512(M, 5) Q8_SAVE512(M, 6) Q8_SAVE512(M, 7)                                  \
+        q8_outputs(dots, M, s, wsum, mult, bias, N, b, y);                                                   \
     }
 
 Q8_VNNI_BLOCK(3)
@@ -238,15 +279,15 @@ typedef struct {
     const float *s, *mult, *bias;
     const int8_t *wb;
     const int32_t *wsum;
-    int64_t C, N;
+    int64_t C, N; /* column groups, output rows */
     float *y;
 } q8_job;
 
-/* Blocks b0..b1-1 for all M rows: a block's weights (a few KB) are read from memory once and from L1/L2 for
- * every further group of rows. */
+/* Blocks b0..b1-1 for all M rows: a block's weights (48-280 KB for the 1.5B target) are read from memory once and
+ * from L2 for every further group of rows. */
 static void q8_run(void *ctx, int64_t b0, int64_t b1) {
     const q8_job *j = ctx;
-    const int64_t Kp = j->C * Q8_KC;
+    const int64_t Kp = j->C * Q8_KG;
     for (int64_t b = b0; b < b1; ++b)
         for (int64_t m = 0; m < j->M; m += j->group) {
             const int64_t rows = j->M - m < j->group ? j->M - m : j->group;
@@ -254,8 +295,8 @@ static void q8_run(void *ctx, int64_t b0, int64_t b1) {
         }
 }
 
-/* Blocks per chunk handed out under lending: about 64 KB of weights (tens of microseconds), small enough that
- * the target seldom waits for the helper's last chunk, large enough that claiming costs little. */
+/* Blocks per chunk handed out under lending: about 64 KB of weights or one block (tens of microseconds), small
+ * enough that the target seldom waits for the helper's last chunk, large enough that claiming costs little. */
 #define Q8_LEND_BYTES 65536
 
 /* y [M, N] = the layer applied to x [M, K] (M >= 1, else -2; -1 if out of memory). wb, wsum: from q8_pack;
@@ -264,7 +305,7 @@ static void q8_run(void *ctx, int64_t b0, int64_t b1) {
 int q8_linear_f32(const float *x, int64_t M, int64_t K, const int8_t *wb, const int32_t *wsum, const float *mult,
                   float inv, const float *bias, int64_t N, float *y) {
     if (M < 1) return -2;
-    const int64_t C = q8_chunks(K), Kp = C * Q8_KC;
+    const int64_t C = q8_groups(K), Kp = C * Q8_KG;
     uint8_t *u = malloc((size_t)(M * Kp));
     float *s = malloc((size_t)M * sizeof(float));
     if (!u || !s) {
