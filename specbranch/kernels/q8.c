@@ -57,7 +57,7 @@
 #define Q8_ZERO 64 /* activation offset: u = q + 64 */
 #define Q8_NB 32   /* output rows per block */
 #define Q8_KG 4    /* columns per group: the 4 products one 32-bit lane sums */
-/* VNNI code for 3-8 rows: prefetch the weights 8 KB ahead into L1 and 32 KB ahead into L2. At 8 rows one core computes
+/* VNNI code for 7-8 rows: prefetch the weights 8 KB ahead into L1 and 32 KB ahead into L2. At 8 rows one core computes
  * for about as long as the weights take to stream, and without prefetching the two did not overlap: a
  * simulated target step (the real shapes, 1.55 GB) took 206-216 ms at 8 rows on one core, 146-170 ms with
  * 4-8 KB of L1 lead. That still left one core at 8 rows streaming about 14 GB/s against 24 at 1 row: the
@@ -70,9 +70,13 @@
  * target's int8 linears at 1 row, weights from memory, Zen 4, each variant built from this file and run in
  * turn (medians of 5, two runs): one thread 17.7/20.6 GB/s with both prefetches, 25.5/26.0 with none (a plain
  * sum over the same weights: 21.8/28.4); two threads 28.6/28.7 -> 30.9/31.0. At 2 rows, one thread 19.6 ->
- * 22.1; at 4 rows level (19.4/19.2); at 8 rows none fell to 9.1-10.9 GB/s against 16.3-21.4. */
+ * 22.1; at 4 rows level (19.4/19.2); at 8 rows none fell to 9.1-10.9 GB/s against 16.3-21.4. With the present layout
+ * (32-row blocks, below), 3-6 rows too stream faster without: all the target's linears in turn with and without
+ * (medians of 9), one thread 1.13-1.29x, two threads 1.16x at 3 rows, 1.32x at 4, level at 5-6; at 7 and 8 rows
+ * they still pay (without: 0.91x and 0.73-0.87x). */
 #define Q8_PREFETCH 8192
 #define Q8_PREFETCH_L2 32768
+#define Q8_PREFETCH_ROWS 7
 
 static inline int64_t q8_blocks(int64_t N) { return (N + Q8_NB - 1) / Q8_NB; }
 static inline int64_t q8_groups(int64_t K) { return (K + Q8_KG - 1) / Q8_KG; }
@@ -209,7 +213,7 @@ Q8_BLOCK256(q8_block, , Q8_DOT_AVX2, 2)
  * sums over one 1 GB buffer on two threads read 42.9 against 39.2 GB/s (29.4 against 27.2 when the VM's bus share
  * is low; torch's sum 43.5 and 29.7). All the target's int8 linears at 1 row, in turn with the 512-bit code
  * (medians, rounds split by the bus share): two threads 1.05-1.07x, one thread 1.05-1.14x; at 2 rows level
- * (0.99-1.02x). The 512-bit code, with its prefetches, stays for 3-8 rows, where the multiplies count. */
+ * (0.99-1.02x). The 512-bit code stays for 3-8 rows, where the multiplies count. */
 Q8_BLOCK256(q8_vnni256_block, __attribute__((target(Q8_VNNI))), Q8_DOT_VNNI, 1)
 Q8_BLOCK256(q8_vnni256_block, __attribute__((target(Q8_VNNI))), Q8_DOT_VNNI, 2)
 
@@ -235,10 +239,12 @@ Q8_BLOCK256(q8_vnni256_block, __attribute__((target(Q8_VNNI))), Q8_DOT_VNNI, 2)
         a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = _mm512_setzero_si512();                              \
         a40 = a41 = a50 = a51 = a60 = a61 = a70 = a71 = _mm512_setzero_si512();                              \
         for (int64_t c = 0; c < C; ++c, p += Q8_NB * Q8_KG) {                                                \
-            _mm_prefetch((const char *)p + Q8_PREFETCH, _MM_HINT_T0);                                        \
-            _mm_prefetch((const char *)p + Q8_PREFETCH + 64, _MM_HINT_T0);                                   \
-            _mm_prefetch((const char *)p + Q8_PREFETCH_L2, _MM_HINT_T1);                                     \
-            _mm_prefetch((const char *)p + Q8_PREFETCH_L2 + 64, _MM_HINT_T1);                                \
+            if ((M) >= Q8_PREFETCH_ROWS) {                                                                   \
+                _mm_prefetch((const char *)p + Q8_PREFETCH, _MM_HINT_T0);                                    \
+                _mm_prefetch((const char *)p + Q8_PREFETCH + 64, _MM_HINT_T0);                               \
+                _mm_prefetch((const char *)p + Q8_PREFETCH_L2, _MM_HINT_T1);                                 \
+                _mm_prefetch((const char *)p + Q8_PREFETCH_L2 + 64, _MM_HINT_T1);                            \
+            }                                                                                                \
             const __m512i w0 = _mm512_loadu_si512((const void *)p);                                          \
             const __m512i w1 = _mm512_loadu_si512((const void *)(p + 64));                                   \
             Q8_ROW512(M, 0) Q8_ROW512(M, 1) Q8_ROW512(M, 2) Q8_ROW512(M, 3)                                  \
