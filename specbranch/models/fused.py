@@ -201,6 +201,6 @@ class FusedRun:
             for j, i in enumerate(keep):
                 slots[i] = kept[j].data_ptr()
         kind = "fused int8 layer" if self.int8 else "fused int4 layer"
-        out = _kernel_linear(kind, h, rows * t, hidden, Int4Linear.MAX_ROWS, lambda x, y: self.lib.layers_step(
+        out = _kernel_linear(kind, h, rows * t, hidden, self.max_rows(), lambda x, y: self.lib.layers_step(
             self.weights, len(self.blocks), x, rows, t, cos.data_ptr(), sin.data_ptr(), ctypes.byref(where), slots, y))
         return out, kept
