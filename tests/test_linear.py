@@ -191,16 +191,21 @@ def test_int4_quantization_round_trip_is_within_one_step():
 
 
 def test_int4_blocked_layout_round_trips():
-    """The kernel reads blocks of 4 rows, each group's 4 rows side by side; N = 7 leaves a padded block."""
+    """The kernel reads blocks of 16 rows in steps of 8 columns: row r's 4 bytes of step s hold its columns
+    8s..8s+3 in their low nibbles and 8s+4..8s+7 in their high ones. N = 21 leaves a padded block."""
     from specbranch.models.linear import block_int4, quantize_int4, unblock_int4
 
-    packed, scales = quantize_int4(torch.randn(7, 128))
+    packed, scales = quantize_int4(torch.randn(21, 128))
+    u = torch.cat([packed.view(21, 2, 32) & 15, packed.view(21, 2, 32) >> 4], dim=-1).view(21, 128)  # [N, K]
     wblk, dblk = block_int4(packed, scales)
-    assert wblk.shape == (2, 2, 4, 32) and dblk.shape == (2, 2, 4)
-    assert torch.equal(wblk[1, 0, 2], packed[6, :32]) and torch.equal(wblk[0, 1, 3], packed[3, 32:])
-    assert dblk[1, 0, 2] == scales[6, 0] and dblk[0, 1, 3] == scales[3, 1]
-    assert (wblk[1, :, 3] == 0).all() and (dblk[1, :, 3] == 0).all()  # the padding row
-    back = unblock_int4(wblk, dblk, 7)
+    assert wblk.shape == (2, 16, 16, 4) and dblk.shape == (2, 2, 16)
+    for block, row, step in ((0, 3, 0), (1, 4, 9), (1, 0, 15)):
+        n = 16 * block + row
+        assert torch.equal(wblk[block, step, row] & 15, u[n, 8 * step : 8 * step + 4])
+        assert torch.equal(wblk[block, step, row] >> 4, u[n, 8 * step + 4 : 8 * step + 8])
+    assert dblk[1, 0, 4] == scales[20, 0] and dblk[0, 1, 3] == scales[3, 1]
+    assert (wblk[1, :, 5:] == 0).all() and (dblk[1, :, 5:] == 0).all()  # the padding rows
+    back = unblock_int4(wblk, dblk, 21)
     assert torch.equal(back[0], packed) and torch.equal(back[1], scales)
 
 

@@ -5,41 +5,41 @@
  * weights read 0.5625 bytes per weight against int8's 1, and torch 2.13 has no fast int4 CPU
  * kernel for AVX2 (its int4pack kernels measured 13-50x slower than FBGEMM at one row).
  *
- * Weights: row n is K/64 groups of 32 bytes; byte j of group g holds u[64g + j] in its low nibble
- * and u[64g + 32 + j] in its high one, where u = w_int + 8 is in [0, 15]; d[n, g] is the group's
- * float scale. Activations are quantized per row to int8 (absmax / 127), with per-group sums
- * xsum[m, g] so the +8 offset is removed exactly: dot(w_int, x) = dot(u, x) - 8 * sum(x).
+ * Weights: u = w_int + 8 in [0, 15], groups of 64 along K with a float scale d[n, g] each. Activations are
+ * quantized per row to int8 (absmax / 127), with per-group sums xsum[m, g] so the +8 offset is removed exactly
+ * in integers: dot(w_int, x) = dot(u, x) - 8 * sum(x).
  *
  *   y[m, n] = xs[m] * sum_g d[n, g] * (dot(u[n, g], xq[m, g]) - 8 * xsum[m, g])  (+ bias[n])
  *
- * Layout ("blocked", as q8.c's and for the same reason): blocks of 4 weight rows; inside a block, for each group,
- * the 4 rows' 32 bytes one after another: w[N/4][K/64][4][32], and the scales likewise d[N/4][K/64][4] (N padded
- * to whole blocks; models/linear.py packs both). A block is one sequential run of memory, where 4 row-major rows
- * were 4 short streams.
+ * Layout ("blocked", as q8.c's and for the same reasons; models/linear.py block_int4 packs it): blocks of 16
+ * output rows; a block's weights are one sequential run of memory, steps of 8 columns, in each step the 16 rows'
+ * 4 bytes one after another: w[N/16][K/8][16][4], where byte b of row r's 4 holds u[r, 8s + b] in its low nibble
+ * and u[r, 8s + 4 + b] in its high one. So a 32-bit lane of a register holds one output row's 8 columns: the
+ * low nibbles multiply the activation's 4 bytes 8s.. broadcast to every lane, the high ones the next 4, and each
+ * lane sums its own row, with no horizontal sums at the end. Scales d[N/16][K/64][16] (N padded to whole blocks).
  *
- * Integer dots are exact and each output element is summed over groups in one fixed order on one
- * thread, so a row's result does not depend on the other rows or on the thread count. The VNNI code forms the
- * same 8 int32 partial sums per group as the AVX2 code (lane l: bytes 4l..4l+3 of both nibble halves) and then
- * does the same float operations, so the two give the same bits.
+ * Each output element's integer group sum is exact, and its float steps, f += (float)(sum - 8 xsum) * d per group
+ * in group order then f * xs (+ bias), are the same whatever the rows, the thread count or the code (AVX2 or
+ * VNNI), so a row's result does not depend on any of them.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "simd.h"
 
 #define GROUP 64
 #define MMAX 4    /* most activation rows per call (q4_linear_f32 checks) */
-#define Q4_NB 4   /* weight rows per block */
-#define Q4_GB 128 /* bytes per group of a block: Q4_NB rows x 32 */
+#define Q4_NB 16  /* output rows per block */
+#define Q4_STEP 64 /* bytes of a block per step of 8 columns: 16 rows x 4 */
 
 int kernels_vnni(void); /* isa.c */
 
-/* x [M, K] float -> xq [M, K] int8, xs [M] per-row scale, xc [M, K/GROUP] 8 x the group sums of xq, as floats
- * (exact: |8 x sum| <= 8 * 64 * 127): the blocks' offset correction, converted once here instead of in every
- * block's inner loop. */
-static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xs, float *xc) {
+/* x [M, K] float -> xq [M, K] int8, xs [M] per-row scale, xc [M, K/GROUP] 8 x the group sums of xq (the offset
+ * correction, subtracted from each group's integer sum). */
+static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xs, int32_t *xc) {
     const int64_t G = K / GROUP;
     for (int64_t m = 0; m < M; ++m) {
         const float *r = x + m * K;
@@ -53,172 +53,170 @@ static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, f
                 xq[m * K + k] = q;
                 s += q;
             }
-            xc[m * G + g] = 8.f * (float)s;
+            xc[m * G + g] = 8 * s;
         }
     }
 }
 
 /* Prefetch distances in bytes of a thread's run of blocks (sequential): into L1, and further ahead into L2 (one
- * core streams faster with more lines in flight than its L1 miss buffers hold). */
+ * core streams faster with more lines in flight than its L1 miss buffers hold). The VNNI code prefetches from 2
+ * rows on: all the draft's int4 linears, weights from memory, in turn with and without (medians of 7), without
+ * at 1 row 1.00x on one thread and 1.04x on two, at 2-3 rows 0.81-0.90x. */
 #define Q4_PREFETCH 4096
 #define Q4_PREFETCH_L2 32768
+#define Q4_VNNI_PREFETCH_ROWS 2
 
-/* Both cache lines of the group Q4_PREFETCH bytes ahead into L1 and Q4_PREFETCH_L2 ahead into L2. */
-static inline void q4_prefetch(const uint8_t *pg) {
-    _mm_prefetch((const char *)pg + Q4_PREFETCH, _MM_HINT_T0);
-    _mm_prefetch((const char *)pg + Q4_PREFETCH + 64, _MM_HINT_T0);
-    _mm_prefetch((const char *)pg + Q4_PREFETCH_L2, _MM_HINT_T1);
-    _mm_prefetch((const char *)pg + Q4_PREFETCH_L2 + 64, _MM_HINT_T1);
+/* 4 activation bytes as one int32, for a broadcast to every lane. */
+static inline int32_t q4_x32(const int8_t *x) {
+    int32_t v;
+    memcpy(&v, x, 4);
+    return v;
 }
 
-/* y[m, n] for the block's last step: (sum of the 8 lanes - offset correction) * row scale (+ bias). */
-static inline float q4_output(__m256 acc, float corr, float xs, const float *bias, int64_t n) {
-    const float v = (hsum_ps(acc) - corr) * xs;
-    return bias ? v + bias[n] : v;
+/* The block's outputs for one activation row from its 16 float sums f (every code's last step):
+ * y[n] = f * xs (+ bias[n]), as a vector where all 16 rows exist. */
+static inline void q4_outputs(const float *f, float xs, const float *bias, int64_t N, int64_t n0, float *yrow) {
+    for (int j = 0; j < Q4_NB; j += 8) {
+        const int64_t n = n0 + j;
+        if (n + 8 <= N) {
+            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(f + j), _mm256_set1_ps(xs));
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
+            _mm256_storeu_ps(yrow + n, v);
+        } else {
+            for (int l = 0; n + l < N; ++l) yrow[n + l] = bias ? f[j + l] * xs + bias[n + l] : f[j + l] * xs;
+        }
+    }
 }
 
-/* Weight rows j0..j0+NB-1 of block b against M activation rows (M and NB compile-time constants, so the
- * accumulators stay in registers: with M a run-time value they lived on the stack, and a 1-row decode step ran
- * at about a third of the core's integer throughput). Per group and row pair the two nibble halves' u8 x s8
- * products are summed in int16 (at most 2 * 2 * 15 * 127 = 7620) before one widening madd. Every (row, weight
- * row) accumulator sees the same operations in the same order whatever M is, so results stay batch-invariant. */
-#define Q4_BLOCK(M, NB)                                                                                     \
-    static void q4_block_##M##_##NB(const int8_t *xq, const float *xs, const float *xc, int64_t K,         \
-                                    const uint8_t *w, const float *d, const float *bias, int64_t N,        \
-                                    int64_t b, int j0, float *y) {                                         \
-        const int64_t G = K / GROUP;                                                                       \
-        const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);                          \
-        const uint8_t *wb = w + b * G * Q4_GB;                                                             \
-        const float *db = d + b * G * Q4_NB;                                                               \
-        __m256 acc[M][NB];                                                                                 \
-        float corr[M][NB];                                                                                 \
-        for (int i = 0; i < M; ++i)                                                                        \
-            for (int j = 0; j < NB; ++j) {                                                                 \
-                acc[i][j] = _mm256_setzero_ps();                                                           \
-                corr[i][j] = 0.f;                                                                          \
-            }                                                                                              \
-        for (int64_t g = 0; g < G; ++g) {                                                                  \
-            const uint8_t *pg = wb + g * Q4_GB;                                                            \
-            q4_prefetch(pg);                                                                               \
-            for (int j = 0; j < NB; ++j) {                                                                 \
-                const __m256i v = _mm256_loadu_si256((const __m256i *)(pg + (j0 + j) * 32));               \
-                const __m256i lo = _mm256_and_si256(v, low);                                               \
-                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);                         \
-                const float dj = db[g * Q4_NB + j0 + j];                                                   \
-                const __m256 dv = _mm256_set1_ps(dj);                                                      \
-                for (int i = 0; i < M; ++i) {                                                              \
-                    const int8_t *x = xq + i * K + g * GROUP;                                              \
-                    const __m256i s16 = _mm256_add_epi16(                                                  \
-                        _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),                  \
-                        _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))));          \
-                    const __m256i s = _mm256_madd_epi16(s16, ones);                                        \
-                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), dv, acc[i][j]);                     \
-                    corr[i][j] += dj * xc[i * G + g];                                                      \
-                }                                                                                          \
-            }                                                                                              \
-        }                                                                                                  \
-        for (int j = 0; j < NB; ++j) {                                                                     \
-            const int64_t n = b * Q4_NB + j0 + j;                                                          \
-            if (n >= N) break;                                                                             \
-            for (int i = 0; i < M; ++i) y[i * N + n] = q4_output(acc[i][j], corr[i][j], xs[i], bias, n);   \
-        }                                                                                                  \
+/* AVX2: half h (output rows 8h..8h+7, the step's bytes 32h..32h+31) of block b against M activation rows. Per
+ * step and row the low and high nibbles' u8 x s8 products are summed in int16 (at most 2 * 2 * 15 * 127 = 7620)
+ * before one widening madd. The accumulators are named variables (one statement a row behind a constant test):
+ * see q8.c for why not an array. */
+#define Q4_ROW_AVX2(M, i)                                                                                    \
+    if ((i) < (M)) {                                                                                         \
+        const int8_t *x_ = xq + (i) * K + 8 * s;                                                             \
+        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(q4_x32(x_))),       \
+                                             _mm256_maddubs_epi16(hi, _mm256_set1_epi32(q4_x32(x_ + 4))));  \
+        a##i = _mm256_add_epi32(a##i, _mm256_madd_epi16(s16, ones));                                         \
+    }
+#define Q4_GROUP_AVX2(M, i)                                                                                  \
+    if ((i) < (M)) {                                                                                         \
+        const __m256i t_ = _mm256_sub_epi32(a##i, _mm256_set1_epi32(xc[(i) * G + g]));                      \
+        f##i = _mm256_fmadd_ps(_mm256_cvtepi32_ps(t_), dv, f##i);                                            \
+    }
+#define Q4_OUT_AVX2(M, i)                                                                                    \
+    if ((i) < (M)) _mm256_storeu_ps(fs + (i) * Q4_NB + 8 * h, f##i);
+#define Q4_BLOCK_AVX2(M)                                                                                     \
+    static void q4_block_##M(const int8_t *xq, const float *xs, const int32_t *xc, int64_t K, const uint8_t *w, \
+                             const float *d, const float *bias, int64_t N, int64_t b, float *y) {            \
+        const int64_t G = K / GROUP;                                                                         \
+        const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);                            \
+        float fs[M * Q4_NB];                                                                                 \
+        for (int h = 0; h < 2; ++h) {                                                                        \
+            const uint8_t *p = w + b * G * (GROUP / 8) * Q4_STEP + 32 * h;                                   \
+            __m256 f0, f1, f2, f3;                                                                           \
+            f0 = f1 = f2 = f3 = _mm256_setzero_ps();                                                         \
+            for (int64_t g = 0; g < G; ++g) {                                                                \
+                __m256i a0, a1, a2, a3;                                                                      \
+                a0 = a1 = a2 = a3 = _mm256_setzero_si256();                                                  \
+                for (int64_t s = g * (GROUP / 8); s < (g + 1) * (GROUP / 8); ++s, p += Q4_STEP) {           \
+                    _mm_prefetch((const char *)p + Q4_PREFETCH, _MM_HINT_T0);                                \
+                    _mm_prefetch((const char *)p + Q4_PREFETCH_L2, _MM_HINT_T1);                             \
+                    const __m256i v = _mm256_loadu_si256((const __m256i *)p);                                \
+                    const __m256i lo = _mm256_and_si256(v, low);                                             \
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);                       \
+                    Q4_ROW_AVX2(M, 0) Q4_ROW_AVX2(M, 1) Q4_ROW_AVX2(M, 2) Q4_ROW_AVX2(M, 3)                  \
+                }                                                                                            \
+                const __m256 dv = _mm256_loadu_ps(d + (b * G + g) * Q4_NB + 8 * h);                          \
+                Q4_GROUP_AVX2(M, 0) Q4_GROUP_AVX2(M, 1) Q4_GROUP_AVX2(M, 2) Q4_GROUP_AVX2(M, 3)              \
+            }                                                                                                \
+            Q4_OUT_AVX2(M, 0) Q4_OUT_AVX2(M, 1) Q4_OUT_AVX2(M, 2) Q4_OUT_AVX2(M, 3)                          \
+        }                                                                                                    \
+        for (int i = 0; i < M; ++i) q4_outputs(fs + i * Q4_NB, xs[i], bias, N, b * Q4_NB, y + i * N);       \
     }
 
-/* AVX2 has 16 vector registers: 1-2 rows take a whole block at once, 3-4 rows half a block per pass (the second
- * pass finds the block's weights, a few KB, in cache). */
-Q4_BLOCK(1, 4)
-Q4_BLOCK(2, 4)
-Q4_BLOCK(3, 2)
-Q4_BLOCK(4, 2)
+Q4_BLOCK_AVX2(1)
+Q4_BLOCK_AVX2(2)
+Q4_BLOCK_AVX2(3)
+Q4_BLOCK_AVX2(4)
 
-/* The same block on AVX-512 VNNI, all 4 weight rows for up to 4 activation rows (32 registers). A 64-byte load
- * holds two weight rows' group; its low nibbles pair with the activation's first 32 bytes broadcast to both
- * halves, its high nibbles with the last 32, and two dpbusd leave in lane l of each half what the AVX2 code's
- * maddubs/madd leave in its lane l. acc[i][h] holds weight row 2h in its low 256 bits and row 2h + 1 in its high
- * ones. The offset corrections of the 4 weight rows go 4 to a vector: the same multiply and add per element as
- * the AVX2 code's scalars. */
+/* AVX-512 VNNI: the whole block, a step's 64 bytes one register: two dpbusd a row (low nibbles, high nibbles),
+ * each into its own accumulator, and steps alternating between two pairs, so four independent chains a row
+ * (one alone would wait on dpbusd's latency at one row). The same integer group sums as the AVX2 code, the same
+ * float steps per lane. */
 #define Q4_VNNI "avx512f,avx512bw,avx512vl,avx512vnni"
-#define Q4_VNNI_BLOCK(M)                                                                                     \
+#define Q4_ROW_VNNI(M, i, A, B)                                                                              \
+    if ((i) < (M)) {                                                                                         \
+        const int8_t *x_ = xq + (i) * K + 8 * s;                                                             \
+        a##i##A = _mm512_dpbusd_epi32(a##i##A, lo, _mm512_set1_epi32(q4_x32(x_)));                           \
+        a##i##B = _mm512_dpbusd_epi32(a##i##B, hi, _mm512_set1_epi32(q4_x32(x_ + 4)));                       \
+    }
+#define Q4_GROUP_VNNI(M, i)                                                                                  \
+    if ((i) < (M)) {                                                                                         \
+        const __m512i t_ = _mm512_sub_epi32(_mm512_add_epi32(_mm512_add_epi32(a##i##0, a##i##1),             \
+                                                             _mm512_add_epi32(a##i##2, a##i##3)),            \
+                                            _mm512_set1_epi32(xc[(i) * G + g]));                            \
+        f##i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t_), dv, f##i);                                            \
+        a##i##0 = a##i##1 = a##i##2 = a##i##3 = _mm512_setzero_si512();                                      \
+    }
+#define Q4_STEP_VNNI(M, A, B)                                                                                \
+    {                                                                                                        \
+        if ((M) >= Q4_VNNI_PREFETCH_ROWS) {                                                                  \
+            _mm_prefetch((const char *)p + Q4_PREFETCH, _MM_HINT_T0);                                        \
+            _mm_prefetch((const char *)p + Q4_PREFETCH_L2, _MM_HINT_T1);                                     \
+        }                                                                                                    \
+        const __m512i v = _mm512_loadu_si512((const void *)p);                                               \
+        const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);    \
+        Q4_ROW_VNNI(M, 0, A, B) Q4_ROW_VNNI(M, 1, A, B) Q4_ROW_VNNI(M, 2, A, B) Q4_ROW_VNNI(M, 3, A, B)      \
+        p += Q4_STEP, ++s;                                                                                   \
+    }
+#define Q4_BLOCK_VNNI(M)                                                                                     \
     __attribute__((target(Q4_VNNI))) static void q4_vnni_block_##M(                                          \
-        const int8_t *xq, const float *xs, const float *xc, int64_t K, const uint8_t *w, const float *d,      \
+        const int8_t *xq, const float *xs, const int32_t *xc, int64_t K, const uint8_t *w, const float *d,    \
         const float *bias, int64_t N, int64_t b, float *y) {                                                 \
         const int64_t G = K / GROUP;                                                                         \
         const __m512i low = _mm512_set1_epi8(0x0F);                                                          \
-        const __m512i pick01 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);              \
-        const __m512i pick23 = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);              \
-        const uint8_t *wb = w + b * G * Q4_GB;                                                               \
-        const float *db = d + b * G * Q4_NB;                                                                 \
-        __m512 acc[M][2];                                                                                    \
-        __m128 corr[M];                                                                                      \
-        for (int i = 0; i < M; ++i) {                                                                        \
-            acc[i][0] = acc[i][1] = _mm512_setzero_ps();                                                     \
-            corr[i] = _mm_setzero_ps();                                                                      \
-        }                                                                                                    \
+        const uint8_t *p = w + b * G * (GROUP / 8) * Q4_STEP;                                                \
+        __m512i a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23, a30, a31, a32, a33;              \
+        a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = _mm512_setzero_si512();                              \
+        a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = _mm512_setzero_si512();                              \
+        __m512 f0, f1, f2, f3;                                                                               \
+        f0 = f1 = f2 = f3 = _mm512_setzero_ps();                                                             \
+        int64_t s = 0;                                                                                       \
         for (int64_t g = 0; g < G; ++g) {                                                                    \
-            const uint8_t *pg = wb + g * Q4_GB;                                                              \
-            q4_prefetch(pg);                                                                                 \
-            const __m512i w01 = _mm512_loadu_si512((const void *)pg);                                        \
-            const __m512i w23 = _mm512_loadu_si512((const void *)(pg + 64));                                 \
-            const __m512i lo01 = _mm512_and_si512(w01, low), hi01 = _mm512_and_si512(_mm512_srli_epi16(w01, 4), low); \
-            const __m512i lo23 = _mm512_and_si512(w23, low), hi23 = _mm512_and_si512(_mm512_srli_epi16(w23, 4), low); \
-            const __m128 d4 = _mm_loadu_ps(db + g * Q4_NB);                                                  \
-            const __m512 d01 = _mm512_permutexvar_ps(pick01, _mm512_castps128_ps512(d4));                    \
-            const __m512 d23 = _mm512_permutexvar_ps(pick23, _mm512_castps128_ps512(d4));                    \
-            for (int i = 0; i < M; ++i) {                                                                    \
-                const int8_t *x = xq + i * K + g * GROUP;                                                    \
-                const __m512i xlo = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x));          \
-                const __m512i xhi = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x + 32)));   \
-                const __m512i z = _mm512_setzero_si512();                                                    \
-                const __m512i s01 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo01, xlo), hi01, xhi);       \
-                const __m512i s23 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo23, xlo), hi23, xhi);       \
-                acc[i][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s01), d01, acc[i][0]);                        \
-                acc[i][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s23), d23, acc[i][1]);                        \
-                corr[i] = _mm_add_ps(corr[i], _mm_mul_ps(d4, _mm_set1_ps(xc[i * G + g])));                   \
+            for (int k = 0; k < GROUP / 16; ++k) {                                                           \
+                Q4_STEP_VNNI(M, 0, 1)                                                                        \
+                Q4_STEP_VNNI(M, 2, 3)                                                                        \
             }                                                                                                \
+            const __m512 dv = _mm512_loadu_ps(d + (b * G + g) * Q4_NB);                                      \
+            Q4_GROUP_VNNI(M, 0) Q4_GROUP_VNNI(M, 1) Q4_GROUP_VNNI(M, 2) Q4_GROUP_VNNI(M, 3)                  \
         }                                                                                                    \
-        float c[M][Q4_NB]; /* the corrections as scalars, once per block */                                 \
-        for (int i = 0; i < M; ++i) _mm_storeu_ps(c[i], corr[i]);                                            \
-        for (int j = 0; j < Q4_NB; ++j) {                                                                    \
-            const int64_t n = b * Q4_NB + j;                                                                 \
-            if (n >= N) break;                                                                               \
-            for (int i = 0; i < M; ++i) {                                                                    \
-                const __m512 a = acc[i][j / 2];                                                              \
-                const __m256 half = j % 2 ? _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)) \
-                                          : _mm512_castps512_ps256(a);                                       \
-                y[i * N + n] = q4_output(half, c[i][j], xs[i], bias, n);                                     \
-            }                                                                                                \
+        float fs[M * Q4_NB];                                                                                 \
+        const __m512 fv[4] = {f0, f1, f2, f3};                                                               \
+        for (int i = 0; i < M; ++i) {                                                                        \
+            _mm512_storeu_ps(fs + i * Q4_NB, fv[i]);                                                         \
+            q4_outputs(fs + i * Q4_NB, xs[i], bias, N, b * Q4_NB, y + i * N);                                \
         }                                                                                                    \
     }
 
-Q4_VNNI_BLOCK(1)
-Q4_VNNI_BLOCK(2)
-Q4_VNNI_BLOCK(3)
-Q4_VNNI_BLOCK(4)
+Q4_BLOCK_VNNI(1)
+Q4_BLOCK_VNNI(2)
+Q4_BLOCK_VNNI(3)
+Q4_BLOCK_VNNI(4)
 
-typedef void (*q4_vnni_fn)(const int8_t *, const float *, const float *, int64_t, const uint8_t *, const float *,
-                           const float *, int64_t, int64_t, float *);
+typedef void (*q4_block_fn)(const int8_t *, const float *, const int32_t *, int64_t, const uint8_t *, const float *,
+                            const float *, int64_t, int64_t, float *);
 
 /* y[M, N] for M in 1..MMAX: the blocks split over the OpenMP threads, one contiguous run each. */
-static void q4_linear(const int8_t *xq, const float *xs, const float *xc, int64_t M, int64_t K, const uint8_t *w,
+static void q4_linear(const int8_t *xq, const float *xs, const int32_t *xc, int64_t M, int64_t K, const uint8_t *w,
                       const float *d, const float *bias, int64_t N, float *y) {
-    static const q4_vnni_fn vnni_blocks[MMAX + 1] = {0, q4_vnni_block_1, q4_vnni_block_2, q4_vnni_block_3,
-                                                     q4_vnni_block_4};
+    static const q4_block_fn vnni_blocks[MMAX + 1] = {0, q4_vnni_block_1, q4_vnni_block_2, q4_vnni_block_3,
+                                                      q4_vnni_block_4};
+    static const q4_block_fn avx2_blocks[MMAX + 1] = {0, q4_block_1, q4_block_2, q4_block_3, q4_block_4};
+    const q4_block_fn block = (kernels_vnni() ? vnni_blocks : avx2_blocks)[M];
     const int64_t B = (N + Q4_NB - 1) / Q4_NB;
-    if (kernels_vnni()) {
-        const q4_vnni_fn block = vnni_blocks[M];
 #pragma omp parallel for schedule(static)
-        for (int64_t b = 0; b < B; ++b) block(xq, xs, xc, K, w, d, bias, N, b, y);
-        return;
-    }
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-        switch (M) {
-        case 1: q4_block_1_4(xq, xs, xc, K, w, d, bias, N, b, 0, y); break;
-        case 2: q4_block_2_4(xq, xs, xc, K, w, d, bias, N, b, 0, y); break;
-        case 3: for (int j0 = 0; j0 < Q4_NB; j0 += 2) q4_block_3_2(xq, xs, xc, K, w, d, bias, N, b, j0, y); break;
-        default: for (int j0 = 0; j0 < Q4_NB; j0 += 2) q4_block_4_2(xq, xs, xc, K, w, d, bias, N, b, j0, y);
-        }
-    }
+    for (int64_t b = 0; b < B; ++b) block(xq, xs, xc, K, w, d, bias, N, b, y);
 }
 
 /* The whole layer in one call from Python: quantize x [M, K] (M in 1..MMAX, else -2)
@@ -230,7 +228,7 @@ int q4_linear_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, const 
     if (M < 1 || M > MMAX) return -2; /* the kernels exist for 1..MMAX rows only */
     int8_t *xq = malloc((size_t)(M * K));
     float *xs = malloc((size_t)M * sizeof(float));
-    float *xc = malloc((size_t)(M * (K / GROUP)) * sizeof(float));
+    int32_t *xc = malloc((size_t)(M * (K / GROUP)) * sizeof(int32_t));
     const int ok = xq && xs && xc;
     if (ok) {
         q4_quantize_rows(x, M, K, xq, xs, xc);

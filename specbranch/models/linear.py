@@ -195,7 +195,7 @@ class Int4Linear:
     """
 
     GROUP = 64
-    BLOCK = 4  # weight rows per block of the kernel's layout (block_int4)
+    BLOCK = 16  # output rows per block of the kernel's layout (block_int4)
     MAX_ROWS = 4  # the kernel is specialized for 1-4 rows (decode steps, k <= 4 branch rows)
 
     def __init__(self, base: Int8Linear, packed: torch.Tensor, scales: torch.Tensor) -> None:
@@ -263,24 +263,30 @@ def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def block_int4(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-major int4 weights (:func:`quantize_int4`) -> the kernel's blocked layout (``kernels/q4.c``): blocks of
-    :attr:`Int4Linear.BLOCK` rows, each group's rows side by side, so a block is one sequential run of memory.
-    Weights uint8 ``[B, G, 4, 32]``, scales fp32 ``[B, G, 4]``; N is padded with zero rows to B whole blocks."""
+    :attr:`Int4Linear.BLOCK` rows, steps of 8 columns, in each step every row's 4 bytes holding columns 0-3 in their
+    low nibbles and 4-7 in their high ones, so a 32-bit lane holds one row's 8 columns and a block is one sequential
+    run of memory. Weights uint8 ``[B, K/8, 16, 4]``, scales fp32 ``[B, G, 16]``; N is padded with zero rows to B
+    whole blocks."""
     n, half_k = packed.shape
-    groups, nb = half_k * 2 // Int4Linear.GROUP, Int4Linear.BLOCK
+    nb, half = Int4Linear.BLOCK, Int4Linear.GROUP // 2
     pad = -n % nb
-    p = F.pad(packed, (0, 0, 0, pad))  # [B * 4, K/2]
-    s = F.pad(scales, (0, 0, 0, pad))  # [B * 4, G]
-    blocks = p.shape[0] // nb
-    wblk = p.view(blocks, nb, groups, Int4Linear.GROUP // 2).transpose(1, 2).contiguous()  # [B, G, 4, 32]
-    dblk = s.view(blocks, nb, groups).transpose(1, 2).contiguous()  # [B, G, 4]
+    p = F.pad(packed, (0, 0, 0, pad)).view(n + pad, -1, half)  # [N', G, 32]: byte j = u[j] | u[32 + j] << 4
+    u = torch.cat([p & 15, p >> 4], dim=-1).view(n + pad, -1, 2, 4)  # [N', K/8, 2, 4]: u per step of 8 columns
+    steps = u[:, :, 0] | (u[:, :, 1] << 4)  # [N', K/8, 4]: byte b = u[8s + b] | u[8s + 4 + b] << 4
+    blocks = (n + pad) // nb
+    wblk = steps.view(blocks, nb, -1, 4).transpose(1, 2).contiguous()  # [B, K/8, 16, 4]
+    dblk = F.pad(scales, (0, 0, 0, pad)).view(blocks, nb, -1).transpose(1, 2).contiguous()  # [B, G, 16]
     return wblk, dblk
 
 
 def unblock_int4(wblk: torch.Tensor, dblk: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`block_int4`: (packed ``[n, K/2]``, scales ``[n, G]``), row-major and contiguous."""
-    blocks, groups, nb, half_group = wblk.shape
-    packed = wblk.transpose(1, 2).reshape(blocks * nb, groups * half_group)[:n].contiguous()  # [N, K/2]
-    scales = dblk.transpose(1, 2).reshape(blocks * nb, groups)[:n].contiguous()  # [N, G]
+    blocks, steps, nb, _ = wblk.shape
+    b = wblk.transpose(1, 2).reshape(blocks * nb, steps, 1, 4)[:n]  # [n, K/8, 1, 4]
+    u = torch.cat([b & 15, b >> 4], dim=2).reshape(n, -1, Int4Linear.GROUP)  # [n, G, 64]
+    half = Int4Linear.GROUP // 2
+    packed = (u[..., :half] | (u[..., half:] << 4)).reshape(n, -1).contiguous()  # [n, K/2]
+    scales = dblk.transpose(1, 2).reshape(blocks * nb, -1)[:n].contiguous()  # [n, G]
     return packed, scales
 
 
