@@ -26,7 +26,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "simd.h"
 
@@ -66,13 +65,6 @@ static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, f
 #define Q4_PREFETCH_L2 32768
 #define Q4_VNNI_PREFETCH_ROWS 2
 
-/* 4 activation bytes as one int32, for a broadcast to every lane. */
-static inline int32_t q4_x32(const int8_t *x) {
-    int32_t v;
-    memcpy(&v, x, 4);
-    return v;
-}
-
 /* The block's outputs for one activation row from its 16 float sums f (every code's last step):
  * y[n] = f * xs (+ bias[n]), as a vector where all 16 rows exist. */
 static inline void q4_outputs(const float *f, float xs, const float *bias, int64_t N, int64_t n0, float *yrow) {
@@ -95,8 +87,8 @@ static inline void q4_outputs(const float *f, float xs, const float *bias, int64
 #define Q4_ROW_AVX2(M, i)                                                                                    \
     if ((i) < (M)) {                                                                                         \
         const int8_t *x_ = xq + (i) * K + 8 * s;                                                             \
-        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(q4_x32(x_))),       \
-                                             _mm256_maddubs_epi16(hi, _mm256_set1_epi32(q4_x32(x_ + 4))));  \
+        const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(x_))),       \
+                                             _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(x_ + 4))));  \
         a##i = _mm256_add_epi32(a##i, _mm256_madd_epi16(s16, ones));                                         \
     }
 #define Q4_GROUP_AVX2(M, i)                                                                                  \
@@ -148,8 +140,8 @@ Q4_BLOCK_AVX2(4)
 #define Q4_ROW_VNNI(M, i, A, B)                                                                              \
     if ((i) < (M)) {                                                                                         \
         const int8_t *x_ = xq + (i) * K + 8 * s;                                                             \
-        a##i##A = _mm512_dpbusd_epi32(a##i##A, lo, _mm512_set1_epi32(q4_x32(x_)));                           \
-        a##i##B = _mm512_dpbusd_epi32(a##i##B, hi, _mm512_set1_epi32(q4_x32(x_ + 4)));                       \
+        a##i##A = _mm512_dpbusd_epi32(a##i##A, lo, _mm512_set1_epi32(load_i32(x_)));                           \
+        a##i##B = _mm512_dpbusd_epi32(a##i##B, hi, _mm512_set1_epi32(load_i32(x_ + 4)));                       \
     }
 #define Q4_GROUP_VNNI(M, i)                                                                                  \
     if ((i) < (M)) {                                                                                         \
@@ -159,6 +151,8 @@ Q4_BLOCK_AVX2(4)
         f##i = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t_), dv, f##i);                                            \
         a##i##0 = a##i##1 = a##i##2 = a##i##3 = _mm512_setzero_si512();                                      \
     }
+#define Q4_OUT_VNNI(M, i)                                                                                    \
+    if ((i) < (M)) _mm512_storeu_ps(fs + (i) * Q4_NB, f##i);
 #define Q4_STEP_VNNI(M, A, B)                                                                                \
     {                                                                                                        \
         if ((M) >= Q4_VNNI_PREFETCH_ROWS) {                                                                  \
@@ -192,11 +186,8 @@ Q4_BLOCK_AVX2(4)
             Q4_GROUP_VNNI(M, 0) Q4_GROUP_VNNI(M, 1) Q4_GROUP_VNNI(M, 2) Q4_GROUP_VNNI(M, 3)                  \
         }                                                                                                    \
         float fs[M * Q4_NB];                                                                                 \
-        const __m512 fv[4] = {f0, f1, f2, f3};                                                               \
-        for (int i = 0; i < M; ++i) {                                                                        \
-            _mm512_storeu_ps(fs + i * Q4_NB, fv[i]);                                                         \
-            q4_outputs(fs + i * Q4_NB, xs[i], bias, N, b * Q4_NB, y + i * N);                                \
-        }                                                                                                    \
+        Q4_OUT_VNNI(M, 0) Q4_OUT_VNNI(M, 1) Q4_OUT_VNNI(M, 2) Q4_OUT_VNNI(M, 3)                              \
+        for (int i = 0; i < M; ++i) q4_outputs(fs + i * Q4_NB, xs[i], bias, N, b * Q4_NB, y + i * N);       \
     }
 
 Q4_BLOCK_VNNI(1)

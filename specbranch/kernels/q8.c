@@ -157,7 +157,7 @@ static void q8_outputs(const int32_t *dots, int M, const float *s, const int32_t
 }
 
 /* Activation row i's group c (4 u8) in every 32-bit lane. */
-#define Q8_X32(i) ({ int32_t x_; memcpy(&x_, u + (i) * Kp + c * Q8_KG, 4); x_; })
+#define Q8_X32(i) load_i32(u + (i) * Kp + c * Q8_KG)
 
 /* acc + the 8 lane sums of xv's u8 times wv's s8 (4 products a lane): on AVX2 maddubs to 16 bits, madd to 32, add;
  * on AVX-512 VNNI one dpbusd. The same integers either way. */

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 static inline float hsum_ps(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -40,6 +41,14 @@ static inline float absmax(const float *x, int64_t n) {
     float top = hmax_ps(m);
     for (; k < n; ++k) top = fabsf(x[k]) > top ? fabsf(x[k]) : top;
     return top;
+}
+
+/* 4 bytes at p (any alignment) as one int32: the activation bytes the int8 and int4 kernels broadcast to every
+ * 32-bit lane. */
+static inline int32_t load_i32(const void *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
 }
 
 #endif
