@@ -17,6 +17,7 @@ DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 ENGINES = ("ar", "sd", "pearl", "specbranch")
 DRAFT_SAMPLING = ("sample", "greedy")
+AFTER_ROLLBACK = ("auto", "preverify", "wait")
 BACKENDS = ("native", "hf")
 RUNTIMES = ("sequential", "parallel")
 ON_WORKER_FAILURE = ("error", "ar")
@@ -150,6 +151,15 @@ class SpeculationConfig:
         default="auto",
         choices=("auto", *DRAFTING),
     )
+    after_rollback: str = _help(
+        "pearl/specbranch: the round after a rollback (and the first round). preverify (PEARL's rule): the target "
+        "verifies the branch point alone while the draft drafts past it; wait: the target waits for the draft's "
+        "first block and verifies it whole with the next one, saving a target forward that would fix one token "
+        "(on a CPU whose cores share one memory bus that forward costs a whole weight read); auto: wait for "
+        "specbranch (but preverify with inline drafting, whose hedges rescue rollbacks), preverify for pearl",
+        default="auto",
+        choices=AFTER_ROLLBACK,
+    )
     hrad_predictor: str = _help(
         "H-RAD predictor file (.safetensors + .json) for auto/hrad/hybrid drafting (default: the one shipped "
         "for the model pair, if any)",
@@ -165,6 +175,8 @@ class SpeculationConfig:
             raise ConfigError(f"branches must be in 1..8 (got {self.branches})")
         if not 0 <= self.tau < 1:
             raise ConfigError(f"tau must be in [0, 1) (got {self.tau}); use 0 to never cut blocks")
+        if self.after_rollback not in AFTER_ROLLBACK:
+            raise ConfigError(f"after_rollback must be one of {', '.join(AFTER_ROLLBACK)} (got {self.after_rollback!r})")
         if self.draft_sampling not in DRAFT_SAMPLING:
             raise ConfigError(f"draft_sampling must be one of {', '.join(DRAFT_SAMPLING)} (got {self.draft_sampling!r})")
 
@@ -177,10 +189,18 @@ class SpeculationConfig:
         and 2.23x/2.30x at γ 7/8 (one run; specbranch 2.18x/2.15x). 7 keeps rollback lower than 8."""
         return self.gamma or GAMMA_DEFAULTS.get(engine, 4)
 
+    def waits_after_rollback(self, engine: str) -> bool:
+        """Whether ``engine`` adopts the draft's first block after a rollback instead of pre-verifying
+        (``after_rollback``; auto: specbranch waits, pearl keeps PEARL's pre-verify, and so does inline
+        drafting, whose hedges exist to rescue the rounds a rollback would cost)."""
+        if self.after_rollback == "auto":
+            return engine == "specbranch" and self.drafting != "inline"
+        return self.after_rollback == "wait"
+
 
 BENCH_ENGINES = (*ENGINES, "hf-assisted")
 HF_PRECISIONS = ("int8", "bf16", "fp32")
-ENGINE_OVERRIDES = {"gamma": int, "branches": int, "tau": float}  # settable per bench entry with @key=value
+ENGINE_OVERRIDES = {"gamma": int, "branches": int, "tau": float, "after_rollback": str}  # settable per bench entry with @key=value
 
 
 @dataclass(frozen=True)
@@ -192,7 +212,7 @@ class BenchEngine:
     label: str  # the entry as written: the name rows of the report carry
     name: str  # ar, sd, pearl, specbranch or hf-assisted
     drafting: str = ""  # specbranch only: a pinned drafting mode
-    overrides: tuple[tuple[str, int | float], ...] = ()
+    overrides: tuple[tuple[str, int | float | str], ...] = ()
 
     @classmethod
     def parse(cls, entry: str) -> "BenchEngine":

@@ -53,12 +53,17 @@ class DraftPolicy:
     At a branch point ``candidates(conf)`` forks ``branches`` rows when the draft's top-1
     probability is ``<= tau`` (or when H-RAD said reject-soon), else continues with one.
     ``tau = 0`` and ``branches = 1`` with ``mode = confidence``: that is PEARL.
+
+    ``wait_after_rollback``: the round after a rollback (and the first one) does not pre-verify: the
+    draft drafts one chain, and the target takes it whole as the pending block, unverified, to verify
+    it with the next round's forward (see :meth:`~specbranch.engines.specbranch.TargetSide.adopt`).
     """
 
     gamma: int = 4
     branches: int = 3
     tau: float = 0.4
     mode: str = "confidence"
+    wait_after_rollback: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in DRAFTING:

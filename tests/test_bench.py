@@ -67,10 +67,14 @@ def test_bench_engine_entries_take_per_engine_overrides():
     spec = e.speculation(SpeculationConfig(gamma=3, branches=2))
     assert (spec.gamma, spec.tau, spec.drafting, spec.branches) == (6, 0.25, "fixed", 2)
     assert BenchEngine.parse("sd").speculation(spec) is spec  # nothing to change
+    waiting = BenchEngine.parse("pearl@after_rollback=wait").speculation(spec)
+    assert waiting.waits_after_rollback("pearl") and not spec.waits_after_rollback("pearl")
+    assert spec.waits_after_rollback("specbranch")
     for bad, msg in [("pearl@gamma", "bad override"), ("pearl@speed=2", "bad override"),
                      ("pearl@gamma=x", "must be a number"), ("pearl@gamma=40", "gamma must be in"),
                      ("specbranch@tau=1.5", "tau must be in"), ("ar@gamma=3", "no speculation settings"),
-                     ("hf-assisted@gamma=3", "no speculation settings")]:
+                     ("hf-assisted@gamma=3", "no speculation settings"),
+                     ("pearl@after_rollback=never", "after_rollback must be one of")]:
         with pytest.raises(ConfigError, match=msg):
             BenchConfig(engines=bad)
 

@@ -69,6 +69,38 @@ def test_greedy_equals_ar(greedy_pair, name, gamma, branches, tau):
     assert accepted > 0  # the draft is close enough that speculation really happens
 
 
+@pytest.mark.parametrize("name", ("pearl", "specbranch"))
+@pytest.mark.parametrize("gamma,branches,tau", [(2, 3, 0.15), (5, 2, 0.2)])
+def test_waiting_after_a_rollback_equals_ar_and_saves_target_forwards(greedy_pair, name, gamma, branches, tau):
+    """``after_rollback="wait"``: the first chain after the prompt and after each rollback is adopted
+    unverified and verified whole by the next forward. Same tokens as ar; no round verifies a branch
+    point alone (PEARL's pre-verify) unless a policy cut the block to nothing; fewer target forwards."""
+    target_model, draft_model = greedy_pair
+    ar = AREngine(native(target_model))
+    forwards, alone = Counter(), Counter()
+    for mode in ("preverify", "wait"):
+        spec = SpeculationConfig(gamma=gamma, branches=branches, tau=tau, after_rollback=mode)
+        engine = ENGINE_CLASSES[name](native(target_model), native(draft_model), spec)
+        side, settle, last = engine.target_side, engine.target_side.settle, []
+
+        def spy(proposal, logits, side=side, settle=settle, last=last, mode=mode):
+            # the branch point alone after the prompt or a rollback (not after a block cut to nothing)
+            alone[mode] += not side.pending and (not last or last[-1].branch is None)
+            last.append(settle(proposal, logits))
+            return last[-1]
+
+        side.settle = spy
+        for seed, length in itertools.product(range(3), (1, 2, 9)):
+            prompt = torch.randint(0, 64, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+            last.clear()
+            got = run(engine, prompt, 40)
+            assert got.tokens == run(ar, prompt, 40).tokens, (mode, seed, length)
+            forwards[mode] += got.metrics.target_forwards
+            assert 0 <= got.metrics.rollback_rate <= 1
+    assert alone["wait"] == 0 < alone["preverify"]
+    assert forwards["wait"] < forwards["preverify"]
+
+
 def test_specbranch_branches_and_hits(greedy_pair):
     """With τ near the draft's typical confidence both blocks and branch points occur, and the
     metrics show branches being taken and hit."""
@@ -155,6 +187,8 @@ def test_sampled_output_follows_the_target(sampling_pair, name, draft_sampling, 
     target_model, draft_model = sampling_pair
     spec = SpeculationConfig(gamma=2, branches=3, tau=0.99, draft_sampling=draft_sampling)
     engine = ENGINE_CLASSES[name](native(target_model), native(draft_model), spec)
+    # specbranch adopts the chain after each rollback (after_rollback auto): these cases test that too
+    assert engine.target_side.policy.wait_after_rollback == (name == "specbranch")
     prompt = [1, 3]
     counts = sample_engine(engine, prompt, sampling, DRAWS)
     assert_matches(counts, target_law(target_model, prompt, sampling), DRAWS)

@@ -85,7 +85,9 @@ def test_position_traces_agree_with_the_engine_rounds(close_pair):
 
     pipe = Pipeline(ModelConfig(target=close_pair.target, draft=close_pair.draft, precision="fp64"), progress=False)
     cfg = HRADConfig(pipe.target_hidden_size, num_layers=2, gamma=4)
-    engine = SpecBranchEngine(pipe.target.backend, pipe.draft.backend, SpeculationConfig(gamma=4, drafting="fixed"))
+    # pre-verify after rollbacks: an adopted block is gamma long, and only gamma - 1 blocks are labelled
+    spec = SpeculationConfig(gamma=4, drafting="fixed", after_rollback="preverify")
+    engine = SpecBranchEngine(pipe.target.backend, pipe.draft.backend, spec)
     rounds = engine.target_side.record_traces(cfg)
     labels, checked = [], 0
     for text in ("def add(a, b):", "class Stack:", "import os"):

@@ -55,7 +55,8 @@ def gone(pid: int) -> bool:
 
 PROMPTS = [[1, 2, 3], [7], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
 SPECS = [SpeculationConfig(gamma=4, branches=3, tau=0.12), SpeculationConfig(gamma=2, branches=2, tau=0.3),
-         SpeculationConfig(gamma=5, branches=1, tau=0.0)]
+         SpeculationConfig(gamma=5, branches=1, tau=0.0, after_rollback="wait"),  # pearl waits too
+         SpeculationConfig(gamma=3, branches=3, tau=0.2, after_rollback="preverify")]  # specbranch pre-verifies
 
 
 def gen(pipe, prompt, n, engine, spec=None, sampling=None, **kw):
@@ -185,6 +186,14 @@ def test_proposals_survive_the_wire():
         assert got == p and counters == Counters(1, 2, 0.5, 0.25)
         with pytest.raises(ChannelError, match="malformed"):
             decode_proposal(Message(msg.kind, msg.ints[:-1], extra=msg.extra))
+
+
+def test_verdicts_survive_the_wire():
+    from specbranch.engines.specbranch import Verdict
+    from specbranch.runtime.messages import decode_verdict, encode_verdict
+
+    for v in [Verdict([3, 4], None), Verdict([7], 2, 3, force_branch=True), Verdict([], 0, 5, adopt=True)]:
+        assert decode_verdict(encode_verdict(v)) == v
 
 
 def test_placement_flags_are_checked():

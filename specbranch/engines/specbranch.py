@@ -18,6 +18,12 @@ otherwise the correction is committed and the draft starts over from it. Both si
 verdict to their own copy of the state. With an empty pending block the round is PEARL's
 pre-verify; with one it is post-verify.
 
+**Waiting after a rollback** (``after_rollback="wait"``, specbranch's default): after a rollback (and
+before the first round) the target does not pre-verify the new branch point alone. It waits for the
+draft's first chain, adopts it whole as the pending block (`TargetSide.adopt`: nothing is verified or
+committed), and the next round verifies it while the draft drafts past it. On a CPU a pre-verify
+forward reads every target weight to fix one token while slowing the draft on the shared memory bus.
+
 **Inline hedges** (``drafting="inline"``): instead of cutting a block at its first low-confidence
 position, the draft forks k rows *there* and drafts on with all of them; the block goes out whole
 with the hedge's index and candidates. The next round the target verifies that block with k
@@ -97,13 +103,15 @@ class Verdict:
     branch: int | None
     keep: int = 0  # tokens of the surviving branch's block that stay pending (the policy's cut)
     force_branch: bool = False  # H-RAD said reject-soon: fork k candidates at the next branch point
+    adopt: bool = False  # nothing verified: the proposal's point and ``keep`` block tokens become the pending block
 
 
 def draft_policy(engine: str, spec: SpeculationConfig) -> DraftPolicy:
     """The draft policy an engine name implies: PEARL never forks and never cuts."""
+    wait = spec.waits_after_rollback(engine)
     if engine == "pearl":
-        return DraftPolicy(spec.gamma_for(engine), branches=1, tau=0.0)
-    return DraftPolicy(spec.gamma_for(engine), spec.branches, spec.tau, resolve_drafting(spec.drafting))
+        return DraftPolicy(spec.gamma_for(engine), branches=1, tau=0.0, wait_after_rollback=wait)
+    return DraftPolicy(spec.gamma_for(engine), spec.branches, spec.tau, resolve_drafting(spec.drafting), wait)
 
 
 class DraftSide(Side):
@@ -120,6 +128,7 @@ class DraftSide(Side):
         self.hedge: Branches | None = None  # the rows forked at an inline hedge (DraftPolicy.hedge)
         self.hedge_at: int | None = None  # the hedge's index in the pending block, once the block is pending
         self.force_branch = False  # the last verdict asked for k candidates at the next branch point
+        self.adopting = self.policy.wait_after_rollback  # this round's block will be adopted whole: draft one chain
 
     def pending_tokens(self) -> list[int]:
         return self.committed + [pos.candidates[0] for pos in self.pending]
@@ -132,7 +141,8 @@ class DraftSide(Side):
             return self._extend_hedge()
         lane, spec, policy = self.lane, self.speculator, self.policy
         logits = lane.feed(self.pending_tokens())[0]  # [V]: q at the branch point
-        point = spec.candidates(logits, policy.candidates(float(top1_confidence(logits)), self.force_branch))
+        k = 1 if self.adopting else policy.candidates(float(top1_confidence(logits)), self.force_branch)
+        point = spec.candidates(logits, k)
         k = len(point.candidates)
         lane.fork(k)
         rows = list(point.candidates)  # the token each branch row feeds next
@@ -140,7 +150,9 @@ class DraftSide(Side):
         ends: list[list[torch.Tensor]] = [[] for _ in range(k)]
         cuts: list[int | None] = [None] * k
         done = [False] * k
-        for step in range(policy.max_block() + 1):
+        # an adopted chain (the point and its block) is as long as a pending block: the next round verifies as many
+        last = max(policy.max_block() - 1, 0) if self.adopting else policy.max_block()
+        for step in range(last + 1):
             logits = lane.feed_rows(rows)  # [k, V]: q after each branch's last token
             conf = top1_confidence(logits).tolist()  # [k]
             for b in range(k):
@@ -149,10 +161,10 @@ class DraftSide(Side):
                 ends[b].append(logits[b])
                 if cuts[b] is None and conf[b] <= policy.tau:
                     cuts[b] = step  # where the confidence rule would end this block
-                if step == policy.max_block() or policy.cut(conf[b]):
+                if step == last or policy.cut(conf[b]):
                     done[b] = True
                     continue
-                if k == 1 and policy.hedge(conf[0]):
+                if k == 1 and not self.adopting and policy.hedge(conf[0]):
                     # hedge here, inside the block: fork and draft every candidate's row to the round's end
                     fork = spec.candidates(logits[0], policy.branches)
                     n = len(fork.candidates)
@@ -215,8 +227,14 @@ class DraftSide(Side):
         """Commit the verdict's tokens; keep the surviving branch (as the pending block) or roll back."""
         self.committed += verdict.tokens
         self.force_branch = verdict.force_branch
+        self.adopting = verdict.branch is None and self.policy.wait_after_rollback
         if verdict.branch is None:  # the lane re-syncs to the correction next round
             self.pending, self.hedge, self.hedge_at = [], None, None
+            return
+        if verdict.adopt:  # the point and the kept block are pending, unverified (one unforked chain)
+            br = self.branches
+            self.pending = [br.point, *br.blocks[0][: verdict.keep]]
+            self.lane.select(0, keep=1 + verdict.keep, last_logits=br.ends[0][verdict.keep])
             return
         b, hedge = verdict.branch, self.hedge
         if self.hedge_at is not None:  # the pending block's hedge is settled: row b survives
@@ -264,6 +282,26 @@ class TargetSide(Side):
         self.pending: list[int] = []
         self.hedge: tuple[int, list[int]] | None = None  # the pending block's inline hedge: (index, candidates)
         self.features: torch.Tensor | None = None  # H-RAD features of the last round, awaiting a label
+        self.adopting = self.policy.wait_after_rollback  # the next proposal is adopted, not verified (see adopt)
+
+    def adopt(self, proposal: Proposal) -> Verdict:
+        """The round after a rollback (and the first one) with ``wait_after_rollback``: take the
+        draft's chain whole as the pending block, unverified, instead of verifying its first token
+        alone while the draft drafts past it (PEARL's pre-verify). The next forward verifies it all.
+
+        Why: pre-verify spends a target forward, on a CPU a whole read of the weights, to fix one
+        token, while the draft, sharing the memory bus, slows down. Waiting for the draft's block
+        costs the draft's steps alone. Nothing is decided here (no token is committed), so the rule
+        in force and the output are unchanged."""
+        if len(proposal.candidates) != 1 or proposal.hedge or proposal.alternatives:
+            raise ValueError(f"an adopted proposal must be one chain without hedges, got candidates "
+                             f"{proposal.candidates} and hedge {proposal.hedge}")
+        block = proposal.blocks[0]
+        keep = self.policy.keep(len(block), proposal.cut(0), None)
+        self.pending = [proposal.candidates[0], *block[:keep]]
+        self.metrics.drafted_tokens += proposal.size(0)
+        self.adopting = False
+        return Verdict([], 0, keep, adopt=True)
 
     def target_round(self) -> torch.Tensor:
         """``p`` logits at each pending position and at the branch point ``[n+1, V]``."""
@@ -311,6 +349,7 @@ class TargetSide(Side):
             return Verdict(out.tokens, out.branch, keep)
         if not hit:
             self.pending = []
+            self.adopting = self.policy.wait_after_rollback
             return Verdict(out.tokens, None)
         block = proposal.blocks[kept]
         cls = None
@@ -358,6 +397,10 @@ class SpecBranchEngine(Engine):
         self.draft_side.start(prompt, sampling, draft_generator(sampling.seed), metrics)
 
     def step(self) -> list[int]:
+        if self.target_side.adopting:  # the draft's chain becomes the pending block; the target waits
+            t0 = time.perf_counter()
+            self.draft_side.apply(self.target_side.adopt(self.draft_side.draft_round()))
+            self.metrics.target_idle_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         proposal = self.draft_side.draft_round()
         t1 = time.perf_counter()

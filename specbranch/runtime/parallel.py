@@ -9,8 +9,10 @@ draft worker process (rank 1) runs a :class:`DraftSide`. One round::
     wait for the PROPOSAL      ◄───────────────  send the PROPOSAL, wait for the verdict
     settle (verify, decide)
 
-Both halves apply the same verdict to their own copy of the state, so they stay in step without
-sharing anything else. The verdict goes out at the start of the next round rather than at the end
+After a rollback with ``after_rollback="wait"`` the target first waits for the draft's chain and
+answers it with an *adopt* verdict (the chain becomes the pending block, nothing is decided), then
+runs the round above. Both halves apply the same verdict to their own copy of the state, so they stay
+in step without sharing anything else. The verdict goes out at the start of the next round rather than at the end
 of this one so that the generation loop can stop in between (EOS, stop string, budget) without the
 worker drafting a round nobody wants; :meth:`finish` then sends STOP instead.
 
@@ -78,23 +80,29 @@ class ParallelEngine(Engine):
     def step(self) -> list[int]:
         if self.fallback:
             return self._ar_step()
-        m = self.metrics
         try:
             if self.held is not None:
                 self.worker.send_verdict(self.held)
                 self.held = None
+            if self.target_side.adopting:  # after a rollback: the draft's first chain becomes the pending block
+                proposal = self._wait_for_proposal()
+                self.worker.send_verdict(self.target_side.adopt(proposal))
             logits = self.target_side.target_round()
-            t0 = time.perf_counter()
-            with region("target.wait"):
-                proposal, counters = self.worker.recv_proposal()
-            m.target_idle_s += time.perf_counter() - t0  # waiting for the draft: the target's bubble
+            proposal = self._wait_for_proposal()
         except WorkerError as e:
             self._worker_failed(e)
             return self._ar_step()
-        counters.add_to(m)
         with region("target.settle"):
             self.held = self.target_side.settle(proposal, logits)
         return self.held.tokens
+
+    def _wait_for_proposal(self):
+        t0 = time.perf_counter()
+        with region("target.wait"):
+            proposal, counters = self.worker.recv_proposal()
+        self.metrics.target_idle_s += time.perf_counter() - t0  # waiting for the draft: the target's bubble
+        counters.add_to(self.metrics)
+        return proposal
 
     def finish(self) -> None:
         try:
