@@ -389,6 +389,12 @@ class RuntimeConfig:
         "to its own cores)",
         default=True,
     )
+    lend_target_cores: bool = _help(
+        "parallel runtime on the CPU: while the target waits for the draft's block, a helper thread of the draft "
+        "worker computes part of the draft's int4 linears on the target's cores (same tokens; off = each worker "
+        "keeps to its own cores)",
+        default=True,
+    )
     worker_timeout: float = _help(
         "parallel runtime: seconds to wait for the draft worker at a meeting point before declaring it hung "
         "(model loading at start-up is waited for while the worker lives, up to 10 minutes)",

@@ -176,17 +176,20 @@ class Pipeline:
         self.tokenizer = self.target.tokenizer
 
     def _start_worker(self, progress: bool) -> None:
-        from .runtime.lending import CoreLender, lending_unavailable
+        from .runtime.lending import CoreLender, CoreOffer, lending_unavailable
         from .runtime.placement import worker_placements
         from .runtime.process import DraftWorker
 
         self.target_placement, draft_placement = worker_placements(self.runtime)
         folder = resolve(self.cfg.draft, progress)
-        lender = None
-        if self.runtime.lend_draft_cores and lending_unavailable(self.target_placement, draft_placement) is None:
-            lender = CoreLender(draft_placement.cores)
+        lender = offer = None
+        if lending_unavailable(self.target_placement, draft_placement) is None:
+            if self.runtime.lend_draft_cores:  # our helper on the draft's cores, for our linears
+                lender = CoreLender(draft_placement.cores)
+            if self.runtime.lend_target_cores:  # the worker's helper on our cores, for its linears
+                offer = CoreOffer.create(self.target_placement.cores, wake=False)
         self.worker = DraftWorker(folder, replace(self.cfg, draft_precision=self.draft_precision), draft_placement,
-                                  self.runtime.worker_timeout, lender)
+                                  self.runtime.worker_timeout, lender, offer)
         self.worker.start()
         # Shut the worker down when the pipeline is closed, collected, or at interpreter exit.
         self._close = weakref.finalize(self, self.worker.close)

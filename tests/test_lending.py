@@ -1,14 +1,17 @@
-"""Lending the draft worker's core to the target (runtime/lending.py, kernels/lend.c).
+"""Lending a waiting worker's core to the other (runtime/lending.py, kernels/lend.c).
 
-In one process: a helper thread pinned to another core computes chunks of the int8 linears exactly while
-the page's bit is set, with FBGEMM's bits whoever computed what, and never while it is clear; flipping the
-bit at random moments in the middle of calls changes no result and hangs nothing.
+In one process: a helper thread pinned to another core computes chunks of the int8 linears (the target's) and
+of the int4 linears (the draft's) exactly while the page's bit is set, with the same bits whoever computed
+what, and never while it is clear; flipping the bit at random moments in the middle of calls changes no result
+and hangs nothing; a helper started on a page a dead process left behind ignores that process's job.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
+import struct
 import sys
 import threading
 
@@ -17,8 +20,8 @@ import torch
 
 from conftest import torch_threads
 from specbranch.kernels import unavailable
-from specbranch.models.linear import Int8Linear
-from specbranch.runtime.lending import CoreLender, CoreOffer
+from specbranch.models.linear import Int4Linear, Int8Linear
+from specbranch.runtime.lending import CoreLender, CoreOffer, new_page
 from specbranch.runtime.placement import available_cores
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or unavailable() is not None,
@@ -74,6 +77,60 @@ def test_the_lent_core_takes_chunks_only_while_offered_and_changes_no_bit(lent):
 
     lender.deactivate()
     assert torch.equal(lin(xs[100]), want[100])  # prompts back on FBGEMM, the same bits
+
+
+def test_the_draft_int4_linears_take_a_quietly_offered_core(lent):
+    """The other direction: the draft's helper on the target's core while the target waits for a block. The
+    int4 kernel hands out chunks with the same bits as without a helper, and a quiet offer (no wake-up: the
+    owner's next call wakes the helper) is taken up all the same."""
+    lender, _ = lent
+    quiet = CoreOffer(lender.path, wake=False)
+    torch.manual_seed(2)
+    lin = Int4Linear.from_int8(Int8Linear.from_float(torch.randn(4100, 448) * 0.05, torch.randn(4100)).pack())
+    xs = {m: torch.randn(m, 448) for m in (1, 3, 4)}
+    lender.deactivate()
+    want = {m: lin(x) for m, x in xs.items()}  # plain OpenMP, no helper
+    lender.activate()
+    for m, x in xs.items():
+        assert torch.equal(lin(x), want[m])
+    assert lender.chunks_helped == 0  # nothing offered yet
+    quiet.offer()
+    for _ in range(500):
+        for m, x in xs.items():
+            assert torch.equal(lin(x), want[m]), f"{m} rows differ with the core lent"
+        if lender.chunks_helped > 0:
+            break
+    assert lender.chunks_helped > 0, "the helper never computed a chunk of an int4 linear while the core was offered"
+    quiet.withdraw()
+    helped = lender.chunks_helped
+    for m, x in xs.items():
+        assert torch.equal(lin(x), want[m])
+    assert lender.chunks_helped == helped
+    quiet.close()
+
+
+def test_a_new_helper_ignores_a_dead_owners_job():
+    """A draft worker killed in the middle of a linear leaves its job on the page (and the target's bit may be
+    set); the next worker's helper maps the same page and must not run that job (its function is not there)."""
+    path = new_page()
+    try:
+        with open(path, "r+b") as f:
+            m = mmap.mmap(f.fileno(), 16)
+            m[:8] = struct.pack("<Q", (1 << 63) | (5 << 48) | (100 << 24) | 3)  # LEND, job 5, items 3..99 unclaimed
+            lender = CoreLender((available_cores()[-1],), str(path))
+            try:
+                assert struct.unpack("<Q", m[:8])[0] == 0
+                offer = CoreOffer(str(path))
+                offer.offer()  # the helper wakes, finds no job, and claims nothing
+                threading.Event().wait(0.05)
+                assert lender.chunks_helped == 0
+                offer.close()
+            finally:
+                lender.close()
+            m.close()
+        assert path.exists()  # a page the lender did not create is not its to remove
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def test_flipping_the_bit_mid_call_changes_nothing(lent):

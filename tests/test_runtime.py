@@ -325,23 +325,27 @@ def test_hrad_drafting_is_the_same_in_both_runtimes(sequential, parallel, close_
                                                                         hrad_predictor=str(tmp_path / "other")))
 
 
-def test_the_target_borrows_the_draft_core_at_int8(close_pair):
-    """At int8 (the kernels' precision) the target process lends itself the draft worker's core while the draft
-    waits (runtime/lending.py): the same tokens as ar in this process, and the shared page is removed on close.
-    Switched off, no helper is started."""
+def test_each_worker_borrows_the_other_core_at_int8(close_pair):
+    """At int8 (the kernels' precision) each worker lends its core to the other while it waits
+    (runtime/lending.py): the target's helper runs on the draft's core, the draft worker's (int4 draft) on the
+    target's. The same tokens as ar in this process, with pearl and specbranch, waiting or pre-verifying after a
+    rollback; both shared pages are removed on close. Switched off, neither is set up."""
     from dataclasses import replace
 
     int8 = replace(close_pair, precision="int8")
     want = {tuple(p): gen(Pipeline(int8, progress=False), p, 30, "ar").tokens for p in PROMPTS}
     with Pipeline(int8, progress=False, runtime=RuntimeConfig(runtime="parallel", worker_timeout=20)) as pipe:
-        lender = pipe.worker.lender
+        lender, offer = pipe.worker.lender, pipe.worker.offer
         if lender is None:
             pytest.skip("lending is unavailable here (needs Linux, the native kernels and two cores)")
+        assert offer is not None and offer.cores == pipe.target_placement.cores
+        assert pipe.draft_precision == "int4"
         for prompt in PROMPTS:
-            for engine, spec in (("pearl", None), ("specbranch", SPECS[0])):
-                assert gen(pipe, prompt, 30, engine, spec).tokens == want[tuple(prompt)], (engine, prompt)
-    assert not os.path.exists(lender.path)
-    off = RuntimeConfig(runtime="parallel", worker_timeout=20, lend_draft_cores=False)
+            for engine, spec in (("pearl", None), ("pearl", SPECS[2]), ("specbranch", SPECS[0]),
+                                 ("specbranch", SPECS[3])):
+                assert gen(pipe, prompt, 30, engine, spec).tokens == want[tuple(prompt)], (engine, prompt, spec)
+    assert not os.path.exists(lender.path) and not os.path.exists(offer.path)
+    off = RuntimeConfig(runtime="parallel", worker_timeout=20, lend_draft_cores=False, lend_target_cores=False)
     with Pipeline(int8, progress=False, runtime=off) as pipe:
-        assert pipe.worker.lender is None
+        assert pipe.worker.lender is None and pipe.worker.offer is None
         assert gen(pipe, PROMPTS[0], 30, "pearl").tokens == want[tuple(PROMPTS[0])]

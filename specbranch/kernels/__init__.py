@@ -5,8 +5,9 @@ float32 CPU forward; around the int4 linear it also runs a whole int4 draft laye
 Small-batch linears: the int4 weight-only linear of the draft's decode steps (``q4.c``: AVX2 and AVX-512
 VNNI code for 1-4 rows) and the int8 linear of the target's decode steps and verifications, bit-identical to
 FBGEMM's (``q8.c``: AVX2 code for 1-2 rows and AVX-512 VNNI code for 1-8). ``isa.c`` picks the code at run
-time from the CPU; each kernel's two codes give the same bits. While the parallel runtime's draft worker
-waits, a helper thread on its core takes chunks of the int8 linears (``lend.c``).
+time from the CPU; each kernel's two codes give the same bits. While one worker of the parallel runtime
+waits for the other, a helper thread of the other's process on its core takes chunks of that process's linears
+(``lend.c``: the target's int8 linears while the draft waits, the draft's int4 ones while the target waits).
 
 The C sources ship with the package and are compiled once, into one library, with the system C
 compiler into the model cache (``$SPECBRANCH_CACHE/kernels``), keyed by a hash of the source and the
@@ -127,7 +128,7 @@ def library() -> ctypes.CDLL:
     lib.kernels_vnni.restype = ctypes.c_int
     lib.lend_start.argtypes = [p, p, ctypes.c_int]
     lib.lend_start.restype = p
-    for name in ("lend_stop", "lend_activate", "lend_offer", "lend_reclaim"):
+    for name in ("lend_stop", "lend_activate", "lend_offer", "lend_offer_quiet", "lend_reclaim"):
         getattr(lib, name).argtypes = [p]
         getattr(lib, name).restype = None
     lib.lend_active.argtypes = []

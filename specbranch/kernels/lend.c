@@ -1,21 +1,24 @@
-/* Lending the draft worker's core to the target's linears while the draft waits (parallel runtime, CPU).
+/* Lending a waiting worker's core to the other worker's kernels (parallel runtime, CPU).
  *
- * Why: the parallel runtime pins the target to one core and the draft to the other. Each round the draft
- * often finishes its block first and then waits for the verdict, most of all while the target prefills the
- * prompt on its one core (the draft's small model prefills in a fraction of the time). A helper
- * thread of the target process, pinned to the draft's core, takes chunks of the target's int8 linears exactly
- * while the draft waits, and never otherwise.
+ * Why: the parallel runtime pins the target to one core and the draft to the other, and each round one of them
+ * finishes first and waits for the other: most often the draft, which then waits for the verdict (above all while
+ * the target prefills the prompt on its one core: the draft's small model prefills in a fraction of the time);
+ * after a rollback the target, which waits for the draft's next block. So each process runs a helper thread
+ * pinned to the *other* worker's core, and the helper takes chunks of its own process's linears exactly while
+ * the other worker waits, and never otherwise: the target's helper the target's int8 linears (q8.c) while the
+ * draft waits for a verdict, the draft's helper the draft's int4 linears (q4.c) while the target waits for a
+ * proposal. Below, the *owner* is the process whose kernels hand out chunks and the *lender* the one that waits.
  *
- * Why nothing changes: each linear's output blocks are computed whole by one thread, in one fixed order (q8.c),
- * so which thread computed a block does not change a bit of it.
+ * Why nothing changes: each linear's output blocks are computed whole by one thread, in one fixed order (q8.c,
+ * q4.c), so which thread computed a block does not change a bit of it.
  *
  * Why neither waits for the other: the helper may claim work only while the LEND bit of the shared word is
- * set. The draft sets the bit when it starts waiting for the verdict; the target clears it before it sends
- * anything to the draft (kernels run inside a forward, and the verdict leaves after the forward), so by the
- * time the draft wakes, the helper holds no work and goes to sleep on a futex. The bit lives in the same
- * 64-bit word as the job's claim counter and a claim is a compare-and-swap on that word, so no claim slips in
- * after the bit is cleared. The helper keeps the normal scheduling class: as SCHED_IDLE, any other busy
- * process on that core could starve it in the middle of a chunk the target waits for.
+ * set. The lender sets the bit when it starts waiting; the owner clears it before it sends the lender anything
+ * (kernels run inside a forward, and the message leaves after the forward), so by the time the lender wakes,
+ * the helper holds no work and goes to sleep on a futex. The bit lives in the same 64-bit word as the job's
+ * claim counter and a claim is a compare-and-swap on that word, so no claim slips in after it is cleared. The
+ * helper keeps the normal scheduling class: as SCHED_IDLE, any other busy process on that core could starve it
+ * in the middle of a chunk the owner waits for.
  *
  * Shared page (a file both processes map): word 0 (u64) = LEND (bit 63) | job id (bits 48-62) | end
  * (bits 24-47) | next unclaimed index (bits 0-23); then a u32 doorbell the helper sleeps on (a futex).
@@ -64,7 +67,7 @@ struct lend {
 static struct lend *_Atomic active; /* whose helper the kernels use now (NULL: plain OpenMP) */
 
 static long futex(_Atomic uint32_t *addr, int op, uint32_t val) {
-    return syscall(SYS_futex, (uint32_t *)addr, op, val, NULL, NULL, 0); /* shared: the draft wakes it */
+    return syscall(SYS_futex, (uint32_t *)addr, op, val, NULL, NULL, 0); /* shared: the lender wakes it */
 }
 
 static inline uint32_t job_id(uint64_t s) { return (uint32_t)((s >> ID_SHIFT) & ID_MASK); }
@@ -95,7 +98,7 @@ static void *helper_main(void *arg) {
     while (!atomic_load(&l->stop)) {
         const uint32_t bell = atomic_load(&l->page->bell);
         const uint64_t s = atomic_load(w);
-        if (!(s & LEND_BIT)) { /* the draft is computing: sleep until it waits again or a job is announced */
+        if (!(s & LEND_BIT)) { /* the lender is computing: sleep until it waits again or a job is announced */
             atomic_store(&l->sleeping, 1);
             if (atomic_load(&l->page->bell) == bell && !atomic_load(&l->stop))
                 futex(&l->page->bell, FUTEX_WAIT, bell);
@@ -109,7 +112,7 @@ static void *helper_main(void *arg) {
             run_claims(l, job_id(s), 1);
             atomic_store(&l->helping, 0);
         } else {
-            _mm_pause(); /* the draft's core is idle: spin for the next job of this forward */
+            _mm_pause(); /* the lender's core is idle: spin for the next job of this forward */
         }
     }
     return NULL;
@@ -126,6 +129,9 @@ struct lend *lend_start(void *page, const int *cores, int ncores) {
     struct lend *l = calloc(1, sizeof *l);
     if (!l) return NULL;
     l->page = page;
+    /* No job is this helper's yet: a page reused after its last owner died may still name one of that
+     * process's jobs (and the bit, if its lender is gone too), whose function pointer means nothing here. */
+    atomic_store(&l->page->word, 0);
     CPU_ZERO(&l->cores);
     for (int i = 0; i < ncores; ++i) CPU_SET(cores[i], &l->cores);
     if (pthread_create(&l->thread, NULL, helper_main, l) != 0) {
@@ -154,7 +160,8 @@ int lend_active(void) { return atomic_load(&active) != NULL; }
 
 uint64_t lend_helped(struct lend *l) { return atomic_load(&l->helped); }
 
-/* Draft side (any process mapping the page): offer the core while waiting, take it back when woken. */
+/* Lender side (any process mapping the page): offer the core while waiting, take it back when woken. The helper
+ * joins the owner's current job at once. */
 void lend_offer(void *page) {
     shared_page *p = page;
     atomic_fetch_or(&p->word, LEND_BIT);
@@ -162,7 +169,12 @@ void lend_offer(void *page) {
     futex(&p->bell, FUTEX_WAKE, INT_MAX);
 }
 
-/* Target side before it wakes the draft (and the draft once woken): no new claims from here on. */
+/* The same without waking the helper: it joins at the owner's next job (lend_for wakes it). For owners whose
+ * calls are short (the draft's linears take well under a millisecond), and so that a lender whose message has
+ * already arrived does not wake a thread onto its own core only to send it back to sleep. */
+void lend_offer_quiet(void *page) { atomic_fetch_or(&((shared_page *)page)->word, LEND_BIT); }
+
+/* Owner side before it wakes the lender (and the lender once woken): no new claims from here on. */
 void lend_reclaim(void *page) { atomic_fetch_and(&((shared_page *)page)->word, ~LEND_BIT); }
 
 int lend_for(int64_t n, int64_t chunk, lend_fn fn, void *ctx) {

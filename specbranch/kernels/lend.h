@@ -1,4 +1,4 @@
-/* Lending the draft worker's idle core to the target's kernels (lend.c). */
+/* Lending a waiting worker's core to the other worker's kernels (lend.c). */
 #pragma once
 #include <stdint.h>
 

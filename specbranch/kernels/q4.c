@@ -27,6 +27,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "lend.h"
 #include "simd.h"
 
 #define GROUP 64
@@ -198,16 +199,41 @@ Q4_BLOCK_VNNI(4)
 typedef void (*q4_block_fn)(const int8_t *, const float *, const int32_t *, int64_t, const uint8_t *, const float *,
                             const float *, int64_t, int64_t, float *);
 
-/* y[M, N] for M in 1..MMAX: the blocks split over the OpenMP threads, one contiguous run each. */
+/* One call's blocks, for lend_for (lend.c): the target's idle core may take some of them. */
+typedef struct {
+    q4_block_fn block;
+    const int8_t *xq;
+    const float *xs;
+    const int32_t *xc;
+    int64_t K;
+    const uint8_t *w;
+    const float *d, *bias;
+    int64_t N;
+    float *y;
+} q4_job;
+
+static void q4_run(void *ctx, int64_t b0, int64_t b1) {
+    const q4_job *j = ctx;
+    for (int64_t b = b0; b < b1; ++b) j->block(j->xq, j->xs, j->xc, j->K, j->w, j->d, j->bias, j->N, b, j->y);
+}
+
+/* Blocks per chunk handed out under lending: about 32 KB of weights (a few microseconds a chunk): a draft linear
+ * is 0.2-3 MB, so the split stays even, and claiming costs little. */
+#define Q4_LEND_BYTES 32768
+
+/* y[M, N] for M in 1..MMAX: the blocks split over the OpenMP threads, one contiguous run each, or handed out in
+ * chunks when the target lends its core while it waits for the draft (lend.c). A block's rows are computed by one
+ * thread either way, so the bits do not depend on who computed them. */
 static void q4_linear(const int8_t *xq, const float *xs, const int32_t *xc, int64_t M, int64_t K, const uint8_t *w,
                       const float *d, const float *bias, int64_t N, float *y) {
     static const q4_block_fn vnni_blocks[MMAX + 1] = {0, q4_vnni_block_1, q4_vnni_block_2, q4_vnni_block_3,
                                                       q4_vnni_block_4};
     static const q4_block_fn avx2_blocks[MMAX + 1] = {0, q4_block_1, q4_block_2, q4_block_3, q4_block_4};
-    const q4_block_fn block = (kernels_vnni() ? vnni_blocks : avx2_blocks)[M];
+    q4_job job = {(kernels_vnni() ? vnni_blocks : avx2_blocks)[M], xq, xs, xc, K, w, d, bias, N, y};
     const int64_t B = (N + Q4_NB - 1) / Q4_NB;
+    if (lend_for(B, Q4_LEND_BYTES / (Q4_NB * (K / 2)) + 1, q4_run, &job)) return;
 #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < B; ++b) block(xq, xs, xc, K, w, d, bias, N, b, y);
+    for (int64_t b = 0; b < B; ++b) q4_run(&job, b, b + 1);
 }
 
 /* The whole layer in one call from Python: quantize x [M, K] (M in 1..MMAX, else -2)

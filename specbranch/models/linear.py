@@ -111,7 +111,7 @@ class Int8Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         limit = self.kernel_rows()
-        # Prompts (more rows) go to the kernel too while the draft worker lends its core: FBGEMM is about as fast
+        # Prompts (more rows) go to the kernel too while the other worker lends its core: FBGEMM is about as fast
         # on one core (0.86-1.0x measured at 64-160 rows), but only the kernel can share the work with the helper.
         if 0 < rows and (rows <= limit or (limit and _core_lent())) and self.prepare_native().blocked is not None:
             return self._native(x, rows)
@@ -176,7 +176,7 @@ def _kernel_rows() -> int:
 
 
 def _core_lent() -> bool:
-    """Whether this process now borrows the draft worker's core (runtime/lending.py) with the AVX-512 VNNI
+    """Whether this process now borrows the other worker's core (runtime/lending.py) with the AVX-512 VNNI
     code in use (the AVX2 code is far slower than FBGEMM on prompts)."""
     lib = optional_library()
     return lib is not None and bool(lib.lend_active()) and bool(lib.kernels_vnni())

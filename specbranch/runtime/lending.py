@@ -1,13 +1,19 @@
-"""Lending the draft worker's cores to the target while the draft waits for a verdict.
+"""Lending a waiting worker's cores to the other worker of the parallel runtime.
 
-The parallel runtime pins each worker to its own cores. Each round the draft usually finishes drafting
-before the target finishes verifying, and its cores then sit idle. With lending, a helper thread of the
-target process, pinned to the draft's cores, computes chunks of the target's int8 linears exactly while the
-draft waits (``kernels/lend.c`` has the protocol and why it is safe). The results are bit-identical: which
-thread computed an output block does not change it.
+The parallel runtime pins each worker to its own cores, and each round one of them finishes first and waits
+for the other. With lending, each process runs a helper thread pinned to the other worker's cores, which
+computes chunks of its own process's linears exactly while the other waits (``kernels/lend.c`` has the
+protocol and why it is safe):
 
-Both processes map one small shared file, the *page*: the target side (:class:`CoreLender`) creates it and
-runs the helper; the draft side (:class:`CoreOffer`) sets the page's bit while it waits.
+- the target's helper, on the draft's cores, takes the target's int8 linears while the draft waits for a
+  verdict (``--lend-draft-cores``): every round's tail, and the target's prefill of the prompt;
+- the draft's helper, on the target's cores, takes the draft's int4 linears while the target waits for a
+  proposal (``--lend-target-cores``): after a rollback the target waits for the draft's next block.
+
+The results are bit-identical: which thread computed an output block does not change it. Each direction has
+one small shared file, the *page*: the process whose linears are shared (the *owner*) runs the helper on it
+(:class:`CoreLender`), the waiting one sets its bit (:class:`CoreOffer`). The target process creates both
+pages and removes them at close, so a draft worker that is killed leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -51,21 +57,27 @@ class _Page:
         self.map.close()
 
 
-class CoreLender:
-    """Target side: the page, the helper thread on ``draft_cores``, and whether the kernels use it."""
+def new_page() -> Path:
+    """A fresh shared page (in /dev/shm where it can be written)."""
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    fd, name = tempfile.mkstemp(prefix="specbranch-lend-", dir=shm)
+    os.ftruncate(fd, PAGE_BYTES)
+    os.close(fd)
+    return Path(name)
 
-    def __init__(self, draft_cores: tuple[int, ...]) -> None:
+
+class CoreLender:
+    """Owner side: the page, the helper thread on the other worker's ``cores``, and whether this process's
+    kernels use it. ``path``: a page the other process created (else a new one, removed at :meth:`close`)."""
+
+    def __init__(self, cores: tuple[int, ...], path: str | None = None) -> None:
         self.lib = optional_library()
-        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-        fd, name = tempfile.mkstemp(prefix="specbranch-lend-", dir=shm)
-        os.ftruncate(fd, PAGE_BYTES)
-        os.close(fd)
-        self.page = _Page(Path(name))
-        cores = (ctypes.c_int * len(draft_cores))(*draft_cores)
-        self.handle = self.lib.lend_start(self.page.address, cores, len(draft_cores))
+        self.owns_page = path is None
+        self.page = _Page(new_page() if path is None else Path(path))
+        ids = (ctypes.c_int * len(cores))(*cores)
+        self.handle = self.lib.lend_start(self.page.address, ids, len(cores))
         if not self.handle:
-            self.page.close()
-            self.page.path.unlink(missing_ok=True)
+            self._drop_page()
             raise OSError("could not start the lending helper thread")
 
     @property
@@ -73,7 +85,7 @@ class CoreLender:
         return str(self.page.path)
 
     def activate(self) -> None:
-        """From now on the int8 kernels of this process hand chunks to the helper (while the bit is set)."""
+        """From now on the kernels of this process hand chunks to the helper (while the bit is set)."""
         if self.handle:
             self.lib.lend_activate(self.handle)
 
@@ -81,7 +93,7 @@ class CoreLender:
         self.lib.lend_activate(None)
 
     def reclaim(self) -> None:
-        """Clear the bit: called before anything is sent to the draft worker, which that wakes. (After
+        """Clear the bit: called before anything is sent to the other worker, which that wakes. (After
         :meth:`close` the page is gone and there is nothing to clear.)"""
         if self.handle:
             self.lib.lend_reclaim(self.page.address)
@@ -97,19 +109,54 @@ class CoreLender:
             self.reclaim()
             self.lib.lend_stop(self.handle)  # also deactivates it if it is the active one
             self.handle = None
-            self.page.close()
+            self._drop_page()
+
+    def _drop_page(self) -> None:
+        self.page.close()
+        if self.owns_page:
             self.page.path.unlink(missing_ok=True)
 
 
 class CoreOffer:
-    """Draft side: :meth:`offer` the cores before waiting for the verdict, :meth:`withdraw` once woken."""
+    """Lender side: :meth:`offer` the cores before waiting for the other worker, :meth:`withdraw` once woken.
 
-    def __init__(self, path: str) -> None:
+    ``wake``: wake the helper at once, to join the owner's current call (the target's linears take
+    milliseconds), or let the owner's next call wake it (the draft's take well under one). ``cores``: the
+    cores offered (what the owner's :class:`CoreLender` pins its helper to). Made by :meth:`create`, it
+    owns its page and removes it at :meth:`close`."""
+
+    def __init__(self, path: str, wake: bool = True, cores: tuple[int, ...] = ()) -> None:
         self.lib = optional_library()
         self.page = _Page(Path(path))
+        self.wake = wake
+        self.cores = tuple(cores)
+        self.owns_page = False
+        self.closed = False
+
+    @classmethod
+    def create(cls, cores: tuple[int, ...], wake: bool = True) -> "CoreOffer":
+        """An offer of ``cores`` over a new page, for the owner process to map (:attr:`path`)."""
+        offer = cls(str(new_page()), wake, cores)
+        offer.owns_page = True
+        return offer
+
+    @property
+    def path(self) -> str:
+        return str(self.page.path)
 
     def offer(self) -> None:
-        self.lib.lend_offer(self.page.address)
+        if not self.closed:  # after close the page is unmapped: nothing to offer through
+            (self.lib.lend_offer if self.wake else self.lib.lend_offer_quiet)(self.page.address)
 
     def withdraw(self) -> None:
-        self.lib.lend_reclaim(self.page.address)  # the target has cleared it already; this is a safety net
+        if not self.closed:  # the owner has cleared it already; this is a safety net
+            self.lib.lend_reclaim(self.page.address)
+
+    def close(self) -> None:
+        """Unmap the page (and remove it if this offer made it); idempotent."""
+        if not self.closed:
+            self.withdraw()
+            self.closed = True
+            self.page.close()
+            if self.owns_page:
+                self.page.path.unlink(missing_ok=True)

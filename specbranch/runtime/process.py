@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ..config import ModelConfig
 from ..engines.specbranch import Proposal, Verdict
 from ..errors import ModelError, WorkerDiedError, WorkerError, WorkerTimeoutError
-from .lending import CoreLender
+from .lending import CoreLender, CoreOffer
 from .messages import (
     LOOPBACK,
     Channel,
@@ -55,12 +55,13 @@ class DraftWorker:
     """
 
     def __init__(self, folder: Path, models: ModelConfig, placement: Placement, timeout: float,
-                 lender: CoreLender | None = None) -> None:
+                 lender: CoreLender | None = None, offer: CoreOffer | None = None) -> None:
         self.folder = Path(folder)
         self.models = models
         self.placement = placement
         self.timeout = timeout
-        self.lender = lender  # lends this worker's cores to the target while it waits (lending.py)
+        self.lender = lender  # borrows this worker's cores for the target while it waits (lending.py)
+        self.offer = offer  # lends the target's cores to this worker while the target waits for a proposal
         self.proc: subprocess.Popen | None = None
         self.channel: Channel | None = None
         self.state = "down"
@@ -84,6 +85,8 @@ class DraftWorker:
             "threads": p.threads,
             "startup_s": STARTUP_LIMIT_S,
             "lend_page": self.lender.path if self.lender else None,
+            "borrow_page": self.offer.path if self.offer else None,
+            "borrow_cores": list(self.offer.cores) if self.offer else [],
         }
         env = dict(os.environ)
         # The child must import this very package, wherever the caller imported it from.
@@ -166,6 +169,8 @@ class DraftWorker:
         self.kill()
         if self.lender is not None:
             self.lender.close()
+        if self.offer is not None:
+            self.offer.close()
 
     # -- the protocol --------------------------------------------------------------------------
     def begin(self, req: StartRequest) -> None:
@@ -177,7 +182,14 @@ class DraftWorker:
         self.state = "drafting"
 
     def recv_proposal(self) -> tuple[Proposal, Counters]:
-        msg = self._recv(Kind.PROPOSAL)
+        """The round's proposal; meanwhile the target's cores are the worker's (``offer``)."""
+        if self.offer is not None:
+            self.offer.offer()
+        try:
+            msg = self._recv(Kind.PROPOSAL)
+        finally:
+            if self.offer is not None:
+                self.offer.withdraw()  # the worker cleared it before sending; also when it failed or hung
         self.state = "waiting"
         return decode_proposal(msg)
 

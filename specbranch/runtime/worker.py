@@ -29,7 +29,7 @@ from ..engines.specbranch import DraftSide, draft_policy
 from ..metrics import Metrics
 from ..profiling import profiled, region
 from ..sampling import draft_generator
-from .lending import CoreOffer
+from .lending import CoreLender, CoreOffer
 from .messages import (
     FOREVER,
     LOOPBACK,
@@ -56,23 +56,32 @@ def watch_parent() -> None:
             os._exit(0)
 
 
-def serve(channel: Channel, backend, offer: CoreOffer | None = None) -> None:
+def send(channel: Channel, msg: Message, lender: CoreLender | None) -> None:
+    """Send to the coordinator, first taking our claims off its cores (``lender``): the message wakes it."""
+    if lender is not None:
+        lender.reclaim()
+    channel.send(msg)
+
+
+def serve(channel: Channel, backend, offer: CoreOffer | None = None, lender: CoreLender | None = None) -> None:
     """Answer generations until SHUTDOWN (or until the coordinator is gone)."""
     while True:
         msg = channel.recv(FOREVER)
         if msg.kind == Kind.SHUTDOWN:
             return
         if msg.kind == Kind.STOP:  # nothing running: just confirm
-            channel.send(Message(Kind.DONE))
+            send(channel, Message(Kind.DONE), lender)
         elif msg.kind == Kind.START:
-            generation(channel, backend, msg, offer)
+            generation(channel, backend, msg, offer, lender)
         else:
             raise ChannelError(f"protocol error: {msg.kind.name} while idle")
 
 
-def generation(channel: Channel, backend, start: Message, offer: CoreOffer | None = None) -> None:
+def generation(channel: Channel, backend, start: Message, offer: CoreOffer | None = None,
+               lender: CoreLender | None = None) -> None:
     """One generation: draft, send the proposal, wait for the verdict, apply it, repeat until STOP.
-    While it waits, ``offer`` lends its cores to the target."""
+    While it waits, ``offer`` lends its cores to the target; while the target waits, ``lender``'s helper
+    computes part of the draft's linears on the target's cores."""
     metrics = Metrics()
     tracker = CounterTracker(metrics)
     rounds = 0
@@ -82,7 +91,7 @@ def generation(channel: Channel, backend, start: Message, offer: CoreOffer | Non
         with profiled("draft", lambda: rounds):
             side.start(req.prompt, req.sampling, draft_generator(req.sampling.seed), metrics)
             while True:
-                channel.send(encode_proposal(side.draft_round(), tracker.take()))
+                send(channel, encode_proposal(side.draft_round(), tracker.take()), lender)
                 rounds += 1
                 t0 = time.perf_counter()
                 with region("draft.wait"):
@@ -98,12 +107,12 @@ def generation(channel: Channel, backend, start: Message, offer: CoreOffer | Non
                     raise ChannelError(f"protocol error: {msg.kind.name} during a generation")
                 side.apply(decode_verdict(msg))
         # DONE only after the profile (if any) is written: the coordinator may shut us down next
-        channel.send(Message(Kind.DONE, extra=tracker.take().extra()))
+        send(channel, Message(Kind.DONE, extra=tracker.take().extra()), lender)
     except ChannelError:
         raise
     except Exception as e:  # this generation failed here; report it and go back to idle
         traceback.print_exc()
-        channel.send(Message(Kind.ERROR, data=f"{type(e).__name__}: {e}".encode()))
+        send(channel, Message(Kind.ERROR, data=f"{type(e).__name__}: {e}".encode()), lender)
 
 
 def main(argv: list[str]) -> int:
@@ -122,10 +131,14 @@ def main(argv: list[str]) -> int:
     except Exception as e:
         store.set("error", f"{type(e).__name__}: {e}")
         return 1
+    lender = None
+    if cfg.get("borrow_page"):  # our helper on the target's cores, for our linears while the target waits
+        lender = CoreLender(tuple(cfg["borrow_cores"]), cfg["borrow_page"])
+        lender.activate()
     store.set("ready", json.dumps({"vocab_size": backend.vocab_size, "weight_bytes": backend.weight_bytes()}))
     channel = Channel(make_group(store, 1, cfg["startup_s"]), peer=0, vocab_size=backend.vocab_size)
     try:
-        serve(channel, backend, CoreOffer(cfg["lend_page"]) if cfg.get("lend_page") else None)
+        serve(channel, backend, CoreOffer(cfg["lend_page"]) if cfg.get("lend_page") else None, lender)
     except ChannelError as e:  # the coordinator went away or broke the protocol: nothing left to serve
         print(f"specbranch draft worker: {e}", file=sys.stderr)
         return 1
