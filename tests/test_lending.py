@@ -54,6 +54,23 @@ def fbgemm(lin: Int8Linear, x: torch.Tensor) -> torch.Tensor:
         lin.use_kernel = True
 
 
+def helped_only_while_offered(lender: CoreLender, offer: CoreOffer, lin, xs: dict, want: dict) -> None:
+    """Offer the core: ``lin`` gives ``want`` on every input while the helper takes chunks; withdraw it: the same
+    results and no more chunks."""
+    offer.offer()
+    for _ in range(500):  # the helper needs a moment to be scheduled on its core
+        for m, x in xs.items():
+            assert torch.equal(lin(x), want[m]), f"{m} rows differ with the core lent"
+        if lender.chunks_helped > 0:
+            break
+    assert lender.chunks_helped > 0, f"the helper never computed a chunk of {type(lin).__name__} while offered"
+    offer.withdraw()
+    helped = lender.chunks_helped
+    for m, x in xs.items():
+        assert torch.equal(lin(x), want[m])
+    assert lender.chunks_helped == helped  # no claim without the bit
+
+
 def test_the_lent_core_takes_chunks_only_while_offered_and_changes_no_bit(lent):
     lender, offer = lent
     torch.manual_seed(0)
@@ -61,20 +78,7 @@ def test_the_lent_core_takes_chunks_only_while_offered_and_changes_no_bit(lent):
     xs = {m: torch.randn(m, 384) * torch.logspace(-2, 2, m)[:, None] for m in (1, 8, 100)}
     want = {m: fbgemm(lin, x) for m, x in xs.items()}
 
-    offer.offer()
-    for _ in range(500):  # the helper needs a moment to be scheduled on its core
-        for m, x in xs.items():
-            assert torch.equal(lin(x), want[m]), f"{m} rows differ from FBGEMM with the core lent"
-        if lender.chunks_helped > 0:
-            break
-    assert lender.chunks_helped > 0, "the helper never computed a chunk while the core was offered"
-
-    offer.withdraw()
-    helped = lender.chunks_helped
-    for m, x in xs.items():
-        assert torch.equal(lin(x), want[m])
-    assert lender.chunks_helped == helped  # no claim without the bit
-
+    helped_only_while_offered(lender, offer, lin, xs, want)
     lender.deactivate()
     assert torch.equal(lin(xs[100]), want[100])  # prompts back on FBGEMM, the same bits
 
@@ -94,18 +98,7 @@ def test_the_draft_int4_linears_take_a_quietly_offered_core(lent):
     for m, x in xs.items():
         assert torch.equal(lin(x), want[m])
     assert lender.chunks_helped == 0  # nothing offered yet
-    quiet.offer()
-    for _ in range(500):
-        for m, x in xs.items():
-            assert torch.equal(lin(x), want[m]), f"{m} rows differ with the core lent"
-        if lender.chunks_helped > 0:
-            break
-    assert lender.chunks_helped > 0, "the helper never computed a chunk of an int4 linear while the core was offered"
-    quiet.withdraw()
-    helped = lender.chunks_helped
-    for m, x in xs.items():
-        assert torch.equal(lin(x), want[m])
-    assert lender.chunks_helped == helped
+    helped_only_while_offered(lender, quiet, lin, xs, want)
     quiet.close()
 
 
