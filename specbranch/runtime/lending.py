@@ -52,9 +52,12 @@ class _Page:
         self._anchor = ctypes.c_char.from_buffer(self.map)  # keeps the mapping alive while C holds its address
         self.address = ctypes.addressof(self._anchor)
 
-    def close(self) -> None:
+    def close(self, remove: bool = False) -> None:
+        """Unmap it; ``remove``: also delete the file (whoever created it)."""
         del self._anchor
         self.map.close()
+        if remove:
+            self.path.unlink(missing_ok=True)
 
 
 def new_page() -> Path:
@@ -77,7 +80,7 @@ class CoreLender:
         ids = (ctypes.c_int * len(cores))(*cores)
         self.handle = self.lib.lend_start(self.page.address, ids, len(cores))
         if not self.handle:
-            self._drop_page()
+            self.page.close(remove=self.owns_page)
             raise OSError("could not start the lending helper thread")
 
     @property
@@ -109,12 +112,7 @@ class CoreLender:
             self.reclaim()
             self.lib.lend_stop(self.handle)  # also deactivates it if it is the active one
             self.handle = None
-            self._drop_page()
-
-    def _drop_page(self) -> None:
-        self.page.close()
-        if self.owns_page:
-            self.page.path.unlink(missing_ok=True)
+            self.page.close(remove=self.owns_page)
 
 
 class CoreOffer:
@@ -157,6 +155,4 @@ class CoreOffer:
         if not self.closed:
             self.withdraw()
             self.closed = True
-            self.page.close()
-            if self.owns_page:
-                self.page.path.unlink(missing_ok=True)
+            self.page.close(remove=self.owns_page)
