@@ -160,19 +160,19 @@ int lend_active(void) { return atomic_load(&active) != NULL; }
 
 uint64_t lend_helped(struct lend *l) { return atomic_load(&l->helped); }
 
-/* Lender side (any process mapping the page): offer the core while waiting, take it back when woken. The helper
- * joins the owner's current job at once. */
+/* Lender side (any process mapping the page): offer the core while waiting, take it back when woken (lend_reclaim).
+ * Quietly: the helper is not woken and joins at the owner's next job (lend_for wakes it). For owners whose calls
+ * are short (the draft's linears take well under a millisecond), and so that a lender whose message has already
+ * arrived does not wake a thread onto its own core only to send it back to sleep. */
+void lend_offer_quiet(void *page) { atomic_fetch_or(&((shared_page *)page)->word, LEND_BIT); }
+
+/* The same, waking the helper to join the owner's current job at once (the target's linears take milliseconds). */
 void lend_offer(void *page) {
     shared_page *p = page;
-    atomic_fetch_or(&p->word, LEND_BIT);
+    lend_offer_quiet(page);
     atomic_fetch_add(&p->bell, 1);
     futex(&p->bell, FUTEX_WAKE, INT_MAX);
 }
-
-/* The same without waking the helper: it joins at the owner's next job (lend_for wakes it). For owners whose
- * calls are short (the draft's linears take well under a millisecond), and so that a lender whose message has
- * already arrived does not wake a thread onto its own core only to send it back to sleep. */
-void lend_offer_quiet(void *page) { atomic_fetch_or(&((shared_page *)page)->word, LEND_BIT); }
 
 /* Owner side before it wakes the lender (and the lender once woken): no new claims from here on. */
 void lend_reclaim(void *page) { atomic_fetch_and(&((shared_page *)page)->word, ~LEND_BIT); }

@@ -32,7 +32,7 @@ from ..backend import Backend
 from ..config import RuntimeConfig, SamplingConfig, SpeculationConfig
 from ..engines.ar import next_token
 from ..engines.base import Engine
-from ..engines.specbranch import TargetSide, Verdict, draft_policy
+from ..engines.specbranch import Proposal, TargetSide, Verdict, draft_policy
 from ..hrad import HRADPredictor
 from ..errors import WorkerError
 from ..metrics import Metrics
@@ -96,7 +96,7 @@ class ParallelEngine(Engine):
             self.held = self.target_side.settle(proposal, logits)
         return self.held.tokens
 
-    def _wait_for_proposal(self):
+    def _wait_for_proposal(self) -> Proposal:
         t0 = time.perf_counter()
         with region("target.wait"):
             proposal, counters = self.worker.recv_proposal()
