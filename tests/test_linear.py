@@ -235,11 +235,13 @@ def test_int4_linear_is_batch_and_thread_invariant(kernel_isa):
     assert torch.equal(one, two) and torch.equal(one, together)
 
 
-def test_int4_kernel_gives_the_same_bits_with_avx2_and_vnni():
+@pytest.mark.parametrize("n", [201, 250])
+def test_int4_kernel_gives_the_same_bits_with_avx2_and_vnni(n):
     """The VNNI code forms the AVX2 code's integer partial sums and does the same float operations on them, so a
     draft step gives the same result whichever the CPU runs; 1-4 rows (AVX2 takes 3-4 rows in two half-block
-    passes), N = 201: a partial block."""
-    lin, _ = int4_layer(n=201, k=320)
+    passes). At one row VNNI runs quads of blocks a quarter of the matrix apart: N = 201 is 13 blocks (3 quads
+    and the partial block alone), N = 250 is 16 (4 quads, the partial block in the last)."""
+    lin, _ = int4_layer(n=n, k=320)
     x = torch.randn(4, 320) * torch.logspace(-2, 2, 4)[:, None]
     for m in range(1, 5):
         with pinned_isa(True) as vnni:
