@@ -11,8 +11,8 @@ waits for the other, a helper thread of the other's process on its core takes ch
 
 The C sources ship with the package and are compiled once, into one library, with the system C
 compiler into the model cache (``$SPECBRANCH_CACHE/kernels``), keyed by a hash of the source and the
-flags, then loaded with ``ctypes``. Compiling takes a few seconds. It needs an x86-64 CPU with AVX2
-and FMA and a C compiler (``cc``/``gcc``); where either is missing :func:`unavailable` says why and
+flags, then loaded with ``ctypes``. Compiling takes a few seconds. It needs an x86-64 CPU with AVX2,
+FMA and F16C and a C compiler (``cc``/``gcc``); where either is missing :func:`unavailable` says why and
 callers fall back to int8. The library links the same ``libgomp.so.1`` torch has loaded, so it
 shares torch's OpenMP thread pool and follows ``torch.set_num_threads``.
 """
@@ -34,7 +34,7 @@ HEADERS = tuple(Path(__file__).with_name(name) for name in ("lend.h", "simd.h"))
 # -ffp-contract=off: the compiler must not fuse a * b + c on its own. Each row-count specialization of the
 # kernel is scheduled differently, and a contraction in one but not another would make a row's result
 # depend on the batch it came in (caught by test_int4_linear_is_batch_and_thread_invariant).
-FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 
 
 class KernelUnavailable(RuntimeError):
@@ -76,7 +76,7 @@ def library() -> ctypes.CDLL:
     """The compiled kernel library (built on first use); :class:`KernelUnavailable` if it cannot be."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise KernelUnavailable(f"the native kernels are written for x86-64 AVX2 CPUs, this is {platform.machine()}")
-    missing = {"avx2", "fma"} - _cpu_flags()
+    missing = {"avx2", "fma", "f16c"} - _cpu_flags()
     if missing:
         raise KernelUnavailable(f"the native kernels need a CPU with {', '.join(sorted(missing))}")
     cc = _compiler()

@@ -28,7 +28,7 @@
 
 #include "simd.h"
 
-int q4_linear_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, const float *d, const float *bias,
+int q4_linear_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint16_t *d, const float *bias,
                   int64_t N, float *y); /* q4.c: -2 for a row count it has no code for, -1 out of memory */
 
 int q8_linear_f32(const float *x, int64_t M, int64_t K, const int8_t *wb, const int32_t *wsum, const float *mult,
@@ -42,7 +42,7 @@ typedef struct {
 
 /* One linear of a fused layer, as its kernel reads it (models/fused.py LinearRef). */
 typedef struct {
-    int64_t bits;      /* 4: q4.c, w = packed nibbles, aux = float scales; 8: q8.c, w = blocked int8, aux = row sums */
+    int64_t bits;      /* 4: q4.c, w = packed nibbles, aux = fp16 scales; 8: q8.c, w = blocked int8, aux = row sums */
     const void *w, *aux;
     const float *mult; /* int8: FBGEMM's output multipliers */
     const float *bias; /* or NULL */

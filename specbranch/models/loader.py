@@ -120,8 +120,11 @@ def load_decoder(folder: str | Path, precision: str = "fp32", threads: int | Non
 def to_int4(decoder: Decoder, path: Path) -> Decoder:
     """Give every int8 linear whose input width is a multiple of 64 int4 weights for decode steps
     (:class:`Int4Linear`; it keeps the int8 layer for larger batches). The int4 weights are stored
-    once in ``path`` so later loads skip the quantization (about 7 s for the 0.5B draft)."""
+    once in ``path`` so later loads skip the quantization (about 7 s for the 0.5B draft); a file from before the
+    scales were fp16 is made again."""
     stored = safe_open(str(path), framework="pt") if path.is_file() else None
+    if stored is not None and any(n.endswith(".scales") and stored.get_slice(n).get_dtype() != "F16" for n in stored.keys()):
+        stored = None  # float32 scales: its nibbles were rounded against other scales, so quantize again
     names = set(stored.keys()) if stored is not None else set()
     made = {}
     for name, linear in decoder.linears().items():
