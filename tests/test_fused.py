@@ -27,6 +27,27 @@ def int4_decoder(tmp_path, model_type="qwen2", **overrides):
     return to_int4(decoder, tmp_path / "int4.safetensors")
 
 
+def test_an_int4_cache_with_float32_scales_is_quantized_again(tmp_path):
+    """Before the scales were fp16 the cache held float32 ones, and its nibbles were rounded against those: such a
+    file must not be read as fp16 (the kernel would take its bytes for other numbers), nor its nibbles kept."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    fresh = int4_decoder(tmp_path)
+    path = tmp_path / "int4.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        old = {n: f.get_tensor(n).float() if n.endswith(".scales") else f.get_tensor(n) for n in f.keys()}
+    old = {n: t * 1.5 if n.endswith(".scales") else t for n, t in old.items()}  # other scales: a stale cache
+    save_file(old, str(path))
+    again = int4_decoder(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        assert all(f.get_slice(n).get_dtype() == "F16" for n in f.keys() if n.endswith(".scales"))  # rewritten
+    for name, lin in again.linears().items():
+        if isinstance(lin, Int4Linear):
+            assert lin.dblk.dtype == torch.float16
+            assert torch.equal(lin.scales, fresh.linears()[name].scales)  # quantized again, not read
+
+
 def int8_decoder(model_type="qwen2") -> Decoder:
     """A tiny model at int8 with the native kernel's weights, as the loader builds the target."""
     model = make_tiny_hf(model_type, seed=3)
