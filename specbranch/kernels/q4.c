@@ -82,8 +82,12 @@ static inline void q4_outputs(const float *f, float xs, const float *bias, int64
     }
 }
 
-/* 8 fp16 scales as floats (F16C; exact). */
+/* 8 fp16 scales as floats (F16C; exact), and 16 for the VNNI code. */
 static inline __m256 q4_scales8(const uint16_t *d) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)d)); }
+#define Q4_VNNI "avx512f,avx512bw,avx512vl,avx512vnni"
+__attribute__((target(Q4_VNNI))) static inline __m512 q4_scales16(const uint16_t *d) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)d));
+}
 
 /* AVX2: half h (output rows 8h..8h+7, the step's bytes 32h..32h+31) of block b against M activation rows. Per
  * step and row the low and high nibbles' u8 x s8 products are summed in int16 (at most 2 * 2 * 15 * 127 = 7620)
@@ -105,7 +109,7 @@ static inline __m256 q4_scales8(const uint16_t *d) { return _mm256_cvtph_ps(_mm_
     if ((i) < (M)) _mm256_storeu_ps(fs + (i) * Q4_NB + 8 * h, f##i);
 #define Q4_BLOCK_AVX2(M)                                                                                     \
     static void q4_block_##M(const int8_t *xq, const float *xs, const int32_t *xc, int64_t K, const uint8_t *w, \
-                             const uint16_t *d, const float *bias, int64_t N, int64_t b, float *y) {            \
+                             const uint16_t *d, const float *bias, int64_t N, int64_t b, float *y) {         \
         const int64_t G = K / GROUP;                                                                         \
         const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);                            \
         float fs[M * Q4_NB];                                                                                 \
@@ -124,7 +128,7 @@ static inline __m256 q4_scales8(const uint16_t *d) { return _mm256_cvtph_ps(_mm_
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);                       \
                     Q4_ROW_AVX2(M, 0) Q4_ROW_AVX2(M, 1) Q4_ROW_AVX2(M, 2) Q4_ROW_AVX2(M, 3)                  \
                 }                                                                                            \
-                const __m256 dv = q4_scales8(d + (b * G + g) * Q4_NB + 8 * h);                          \
+                const __m256 dv = q4_scales8(d + (b * G + g) * Q4_NB + 8 * h);                               \
                 Q4_GROUP_AVX2(M, 0) Q4_GROUP_AVX2(M, 1) Q4_GROUP_AVX2(M, 2) Q4_GROUP_AVX2(M, 3)              \
             }                                                                                                \
             Q4_OUT_AVX2(M, 0) Q4_OUT_AVX2(M, 1) Q4_OUT_AVX2(M, 2) Q4_OUT_AVX2(M, 3)                          \
@@ -141,7 +145,6 @@ Q4_BLOCK_AVX2(4)
  * each into its own accumulator, and steps alternating between two pairs, so four independent chains a row
  * (one alone would wait on dpbusd's latency at one row). The same integer group sums as the AVX2 code, the same
  * float steps per lane. */
-#define Q4_VNNI "avx512f,avx512bw,avx512vl,avx512vnni"
 #define Q4_ROW_VNNI(M, i, A, B)                                                                              \
     if ((i) < (M)) {                                                                                         \
         const int8_t *x_ = xq + (i) * K + 8 * s;                                                             \
@@ -171,7 +174,7 @@ Q4_BLOCK_AVX2(4)
     }
 #define Q4_BLOCK_VNNI(M)                                                                                     \
     __attribute__((target(Q4_VNNI))) static void q4_vnni_block_##M(                                          \
-        const int8_t *xq, const float *xs, const int32_t *xc, int64_t K, const uint8_t *w, const uint16_t *d,    \
+        const int8_t *xq, const float *xs, const int32_t *xc, int64_t K, const uint8_t *w, const uint16_t *d, \
         const float *bias, int64_t N, int64_t b, float *y) {                                                 \
         const int64_t G = K / GROUP;                                                                         \
         const __m512i low = _mm512_set1_epi8(0x0F);                                                          \
@@ -187,7 +190,7 @@ Q4_BLOCK_AVX2(4)
                 Q4_STEP_VNNI(M, 0, 1)                                                                        \
                 Q4_STEP_VNNI(M, 2, 3)                                                                        \
             }                                                                                                \
-            const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + (b * G + g) * Q4_NB)));                                      \
+            const __m512 dv = q4_scales16(d + (b * G + g) * Q4_NB);                                          \
             Q4_GROUP_VNNI(M, 0) Q4_GROUP_VNNI(M, 1) Q4_GROUP_VNNI(M, 2) Q4_GROUP_VNNI(M, 3)                  \
         }                                                                                                    \
         float fs[M * Q4_NB];                                                                                 \
@@ -212,7 +215,7 @@ Q4_BLOCK_VNNI(4)
     X##1 = _mm512_dpbusd_epi32(X##1, _mm512_and_si512(_mm512_srli_epi16(v##X, 4), low), xh);
 #define Q4_QUAD_GROUP(X, B)                                                                                  \
     f##X = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(X##0, X##1), xc_)),          \
-                           _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(d + ((B) * G + g) * Q4_NB))), f##X);                                \
+                           q4_scales16(d + ((B) * G + g) * Q4_NB), f##X);                                    \
     X##0 = X##1 = _mm512_setzero_si512();
 #define Q4_QUAD_OUT(X, B)                                                                                    \
     _mm512_storeu_ps(fs, f##X);                                                                              \
@@ -233,7 +236,8 @@ __attribute__((target(Q4_VNNI))) static void q4_vnni_quad_1(const int8_t *xq, co
         for (int k = 0; k < GROUP / 8; ++k, ++s, pa += Q4_STEP, pb += Q4_STEP, pc += Q4_STEP, pe += Q4_STEP) {
             const __m512i va = _mm512_loadu_si512(pa), vb = _mm512_loadu_si512(pb);
             const __m512i vc = _mm512_loadu_si512(pc), ve = _mm512_loadu_si512(pe);
-            const __m512i xl = _mm512_set1_epi32(load_i32(xq + 8 * s)), xh = _mm512_set1_epi32(load_i32(xq + 8 * s + 4));
+            const __m512i xl = _mm512_set1_epi32(load_i32(xq + 8 * s));
+            const __m512i xh = _mm512_set1_epi32(load_i32(xq + 8 * s + 4));
             Q4_QUAD_ACC(a) Q4_QUAD_ACC(b) Q4_QUAD_ACC(c) Q4_QUAD_ACC(e)
         }
         const __m512i xc_ = _mm512_set1_epi32(xc[g]);
@@ -243,8 +247,8 @@ __attribute__((target(Q4_VNNI))) static void q4_vnni_quad_1(const int8_t *xq, co
     Q4_QUAD_OUT(a, b) Q4_QUAD_OUT(b, b + h) Q4_QUAD_OUT(c, b + 2 * h) Q4_QUAD_OUT(e, b + 3 * h)
 }
 
-typedef void (*q4_block_fn)(const int8_t *, const float *, const int32_t *, int64_t, const uint8_t *, const float *,
-                            const float *, int64_t, int64_t, float *);
+typedef void (*q4_block_fn)(const int8_t *, const float *, const int32_t *, int64_t, const uint8_t *,
+                            const uint16_t *, const float *, int64_t, int64_t, float *);
 
 /* One call's work items, for OpenMP and lend_for (lend.c: the target's idle core may take some of them). An item
  * is one block, or with the quad code the four blocks i, i + quads, i + 2 quads, i + 3 quads for i < quads and
@@ -256,7 +260,8 @@ typedef struct {
     const int32_t *xc;
     int64_t K;
     const uint8_t *w;
-    const uint16_t *d, *bias;
+    const uint16_t *d; /* fp16 */
+    const float *bias;
     int64_t N;
     float *y;
     int64_t quads; /* items that are quads (0: every item is one block) */

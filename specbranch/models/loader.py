@@ -123,7 +123,8 @@ def to_int4(decoder: Decoder, path: Path) -> Decoder:
     once in ``path`` so later loads skip the quantization (about 7 s for the 0.5B draft); a file from before the
     scales were fp16 is made again."""
     stored = safe_open(str(path), framework="pt") if path.is_file() else None
-    if stored is not None and any(n.endswith(".scales") and stored.get_slice(n).get_dtype() != "F16" for n in stored.keys()):
+    scales = [n for n in stored.keys() if n.endswith(".scales")] if stored is not None else []
+    if any(stored.get_slice(n).get_dtype() != "F16" for n in scales):
         stored = None  # float32 scales: its nibbles were rounded against other scales, so quantize again
     names = set(stored.keys()) if stored is not None else set()
     made = {}
