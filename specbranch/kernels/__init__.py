@@ -29,12 +29,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("isa.c", "layer.c", "lend.c", "q4.c", "q8.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("isa.c", "layer.c", "lend.c", "q4.c", "q4k.c", "q8.c"))
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("lend.h", "simd.h"))  # hashed with the sources: a change rebuilds
 # -ffp-contract=off: the compiler must not fuse a * b + c on its own. Each row-count specialization of the
 # kernel is scheduled differently, and a contraction in one but not another would make a row's result
 # depend on the batch it came in (caught by test_int4_linear_is_batch_and_thread_invariant).
-FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
+# -Werror=incompatible-pointer-types: a kernel called through a pointer of the wrong type must not build (stop 26
+# found fp16 scales passed as float pointers, silently).
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-Werror=incompatible-pointer-types", "-fopenmp",
+         "-shared", "-fPIC")
 
 
 class KernelUnavailable(RuntimeError):
@@ -112,6 +115,13 @@ def library() -> ctypes.CDLL:
     lib.layer_attention.restype = ctypes.c_int
     lib.layer_silu_mul.argtypes = [p, i64, i64, p]
     lib.layer_silu_mul.restype = None
+    lib.q4k_linear_f32.argtypes = [p, i64, i64, p, p, p, p, i64, p]
+    lib.q4k_linear_f32.restype = ctypes.c_int
+    lib.q4k_pack.argtypes = [p, i64, i64, i64, p, p, p]
+    lib.q4k_pack.restype = ctypes.c_int
+    for name in ("q4k_quant_bytes", "q4k_sm_bytes", "q4k_dd_halves"):
+        getattr(lib, name).argtypes = [i64, i64]
+        getattr(lib, name).restype = i64
     lib.q8_linear_f32.argtypes = [p, i64, i64, p, p, p, f32, p, i64, p]
     lib.q8_linear_f32.restype = ctypes.c_int
     lib.q8_packed_size.argtypes = [i64, i64]

@@ -13,8 +13,8 @@
  *   this path is not bit-identical to the torch one: a model takes one or the other for all its forwards.
  * - layers_step runs whole layers, their linears included, in one call, for decode steps and verifications (as many
  *   rows as the linear kernels take in one pass over their weights): the draft's int4 layers (q4.c), so small that
- *   the eight foreign calls per layer of the path above cost 10-13% more per step, and the target's int8 layers
- *   (q8.c), where those calls and their torch allocations cost some 3 ms of a 30-60 ms step. It calls the same
+ *   the eight foreign calls per layer of the path above cost 10-13% more per step, and the target's int8 or Q4_K
+ *   layers (q8.c, q4k.c), where those calls and their torch allocations cost some 3 ms of a 30-60 ms step. It calls the same
  *   functions in the same order as the path above, so an int8 layer gives the same bits either way.
  *
  * Vectors of 8 floats (AVX2); every length that is read 8 at a time (H, I, D) is a multiple of 8, which the
@@ -40,13 +40,21 @@ typedef struct {
     float eps, scale;                                 /* RMSNorm epsilon, 1/sqrt(D) */
 } layer_shape;
 
-/* One linear of a fused layer, as its kernel reads it (models/fused.py LinearRef). */
-typedef struct {
-    int64_t bits;      /* 4: q4.c, w = packed nibbles, aux = fp16 scales; 8: q8.c, w = blocked int8, aux = row sums */
+int q4k_linear_f32(const float *x, int64_t M, int64_t K, const uint8_t *w, const uint8_t *sm, const uint16_t *dd,
+                   const float *bias, int64_t N, float *y); /* q4k.c: -1 out of memory */
+
+/* One linear of a fused layer, as its kernel reads it (models/fused.py LinearRef). With next, the layer's output
+ * rows are two linears side by side: this one's first n_first rows, then next's (the target's qkv where the GGUF
+ * stores v as Q6_K but q and k as Q4_K). */
+typedef struct layer_linear {
+    int64_t bits; /* 4: q4.c, w = packed nibbles, aux = fp16 scales; 8: q8.c, w = blocked int8, aux = row sums,
+                   * mult = FBGEMM's output multipliers; 45: q4k.c, w = quants, aux = sm, mult = dd (fp16) */
     const void *w, *aux;
-    const float *mult; /* int8: FBGEMM's output multipliers */
+    const void *mult;
     const float *bias; /* or NULL */
     float inv;         /* int8: 1 / the activation scale */
+    const struct layer_linear *next;
+    int64_t n_first;
 } layer_linear;
 
 /* A layer's constants (built once per layer by models/fused.py). */
@@ -56,8 +64,29 @@ typedef struct {
     layer_linear qkv, o, gu, down; /* [(Hq + 2 Hkv) D, H], [H, Hq D], gate then up stacked [2I, H], [H, I] */
 } layer_weights;
 
+static int linear(const layer_linear *l, const float *x, int64_t M, int64_t K, int64_t N, float *y);
+
+/* A pair's output [M, N]: the first linear's n_first columns, then next's, computed apart and interleaved by row. */
+static int linear_pair(const layer_linear *l, const float *x, int64_t M, int64_t K, int64_t N, float *y) {
+    const int64_t n1 = l->n_first, n2 = N - n1;
+    float *a = malloc((size_t)(M * n1) * sizeof(float)), *b = malloc((size_t)(M * n2) * sizeof(float));
+    layer_linear first = *l;
+    first.next = NULL;
+    int err = !a || !b ? -1 : linear(&first, x, M, K, n1, a);
+    if (!err) err = linear(l->next, x, M, K, n2, b);
+    for (int64_t m = 0; !err && m < M; ++m) {
+        memcpy(y + m * N, a + m * n1, (size_t)n1 * sizeof(float));
+        memcpy(y + m * N + n1, b + m * n2, (size_t)n2 * sizeof(float));
+    }
+    free(a);
+    free(b);
+    return err;
+}
+
 static int linear(const layer_linear *l, const float *x, int64_t M, int64_t K, int64_t N, float *y) {
+    if (l->next) return linear_pair(l, x, M, K, N, y);
     if (l->bits == 4) return q4_linear_f32(x, M, K, l->w, l->aux, l->bias, N, y);
+    if (l->bits == 45) return q4k_linear_f32(x, M, K, l->w, l->aux, l->mult, l->bias, N, y);
     return q8_linear_f32(x, M, K, l->w, l->aux, l->mult, l->inv, l->bias, N, y);
 }
 

@@ -43,17 +43,10 @@ int kernels_vnni(void); /* isa.c */
 static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xs, int32_t *xc) {
     const int64_t G = K / GROUP;
     for (int64_t m = 0; m < M; ++m) {
-        const float *r = x + m * K;
-        const float amax = absmax(r, K);
-        const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        xs[m] = amax / 127.f;
+        xs[m] = quantize_row_i8(x + m * K, K, xq + m * K);
         for (int64_t g = 0; g < G; ++g) {
             int32_t s = 0;
-            for (int64_t k = g * GROUP; k < (g + 1) * GROUP; ++k) {
-                const int8_t q = (int8_t)nearbyintf(r[k] * inv);
-                xq[m * K + k] = q;
-                s += q;
-            }
+            for (int64_t k = g * GROUP; k < (g + 1) * GROUP; ++k) s += xq[m * K + k];
             xc[m * G + g] = 8 * s;
         }
     }
@@ -66,21 +59,6 @@ static void q4_quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, f
 #define Q4_PREFETCH 4096
 #define Q4_PREFETCH_L2 32768
 #define Q4_VNNI_PREFETCH_ROWS 2
-
-/* The block's outputs for one activation row from its 16 float sums f (every code's last step):
- * y[n] = f * xs (+ bias[n]), as a vector where all 16 rows exist. */
-static inline void q4_outputs(const float *f, float xs, const float *bias, int64_t N, int64_t n0, float *yrow) {
-    for (int j = 0; j < Q4_NB; j += 8) {
-        const int64_t n = n0 + j;
-        if (n + 8 <= N) {
-            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(f + j), _mm256_set1_ps(xs));
-            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
-            _mm256_storeu_ps(yrow + n, v);
-        } else {
-            for (int l = 0; n + l < N; ++l) yrow[n + l] = bias ? f[j + l] * xs + bias[n + l] : f[j + l] * xs;
-        }
-    }
-}
 
 /* 8 fp16 scales as floats (F16C; exact), and 16 for the VNNI code. */
 static inline __m256 q4_scales8(const uint16_t *d) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)d)); }
@@ -133,7 +111,7 @@ __attribute__((target(Q4_VNNI))) static inline __m512 q4_scales16(const uint16_t
             }                                                                                                \
             Q4_OUT_AVX2(M, 0) Q4_OUT_AVX2(M, 1) Q4_OUT_AVX2(M, 2) Q4_OUT_AVX2(M, 3)                          \
         }                                                                                                    \
-        for (int i = 0; i < M; ++i) q4_outputs(fs + i * Q4_NB, xs[i], bias, N, b * Q4_NB, y + i * N);       \
+        for (int i = 0; i < M; ++i) outputs16(fs + i * Q4_NB, xs[i], bias, N, b * Q4_NB, y + i * N);       \
     }
 
 Q4_BLOCK_AVX2(1)
@@ -195,7 +173,7 @@ Q4_BLOCK_AVX2(4)
         }                                                                                                    \
         float fs[M * Q4_NB];                                                                                 \
         Q4_OUT_VNNI(M, 0) Q4_OUT_VNNI(M, 1) Q4_OUT_VNNI(M, 2) Q4_OUT_VNNI(M, 3)                              \
-        for (int i = 0; i < M; ++i) q4_outputs(fs + i * Q4_NB, xs[i], bias, N, b * Q4_NB, y + i * N);       \
+        for (int i = 0; i < M; ++i) outputs16(fs + i * Q4_NB, xs[i], bias, N, b * Q4_NB, y + i * N);       \
     }
 
 Q4_BLOCK_VNNI(1)
@@ -219,7 +197,7 @@ Q4_BLOCK_VNNI(4)
     X##0 = X##1 = _mm512_setzero_si512();
 #define Q4_QUAD_OUT(X, B)                                                                                    \
     _mm512_storeu_ps(fs, f##X);                                                                              \
-    q4_outputs(fs, xs[0], bias, N, (B) * Q4_NB, y);
+    outputs16(fs, xs[0], bias, N, (B) * Q4_NB, y);
 __attribute__((target(Q4_VNNI))) static void q4_vnni_quad_1(const int8_t *xq, const float *xs, const int32_t *xc,
                                                            int64_t K, const uint8_t *w, const uint16_t *d,
                                                            const float *bias, int64_t N, int64_t b, int64_t h,

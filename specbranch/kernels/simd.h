@@ -51,4 +51,28 @@ static inline int32_t load_i32(const void *p) {
     return v;
 }
 
+/* x[0..K) -> q = rint(x * 127 / absmax) (int8), returning the scale absmax / 127 (0 for a zero row): the per-row
+ * activation quantization of the int4 and Q4_K kernels. */
+static inline float quantize_row_i8(const float *x, int64_t K, int8_t *q) {
+    const float amax = absmax(x, K);
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    for (int64_t k = 0; k < K; ++k) q[k] = (int8_t)nearbyintf(x[k] * inv);
+    return amax / 127.f;
+}
+
+/* A block of 16 output rows' results for one activation row from their float sums f: y[n] = f * xs (+ bias[n]),
+ * 8 at a time where all 8 rows exist (rows from n0; N output rows in all). */
+static inline void outputs16(const float *f, float xs, const float *bias, int64_t N, int64_t n0, float *yrow) {
+    for (int j = 0; j < 16; j += 8) {
+        const int64_t n = n0 + j;
+        if (n + 8 <= N) {
+            __m256 v = _mm256_mul_ps(_mm256_loadu_ps(f + j), _mm256_set1_ps(xs));
+            if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + n));
+            _mm256_storeu_ps(yrow + n, v);
+        } else {
+            for (int l = 0; n + l < N; ++l) yrow[n + l] = bias ? f[j + l] * xs + bias[n + l] : f[j + l] * xs;
+        }
+    }
+}
+
 #endif

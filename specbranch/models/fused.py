@@ -34,7 +34,7 @@ import torch
 
 from ..kvcache import KVCache
 from ..kernels import optional_library
-from .linear import Int4Linear, Int8Linear, _kernel_linear
+from .linear import Int4Linear, Int8Linear, Q4KLinear, RowConcat, _kernel_linear
 
 _p, _i64, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
@@ -58,15 +58,24 @@ class LayerShape(ctypes.Structure):
 
 
 class LinearRef(ctypes.Structure):
-    """``layer_linear`` in layer.c: one int4 or int8 linear's weights, as its kernel reads them."""
+    """``layer_linear`` in layer.c: one int4, int8 or Q4_K linear's weights, as its kernel reads them, or a
+    :class:`RowConcat` of two (``next`` points to the second's, which this one keeps alive)."""
 
-    _fields_ = [("bits", _i64), ("w", _p), ("aux", _p), ("mult", _p), ("bias", _p), ("inv", _f32)]
+    _fields_ = [("bits", _i64), ("w", _p), ("aux", _p), ("mult", _p), ("bias", _p), ("inv", _f32), ("next", _p),
+                ("n_first", _i64)]
 
     @classmethod
-    def of(cls, lin: Int4Linear | Int8Linear) -> "LinearRef":
-        bias = None if lin.bias is None else lin.bias.data_ptr()  # float32 and contiguous in both classes
+    def of(cls, lin: "Int4Linear | Int8Linear | Q4KLinear | RowConcat") -> "LinearRef":
+        if isinstance(lin, RowConcat):
+            ref, second = cls.of(lin.first), cls.of(lin.second)
+            ref.second = second  # alive as long as ref is (FusedLayer keeps it): layer.c holds its address
+            ref.next, ref.n_first = ctypes.addressof(second), lin.first.out_features
+            return ref
+        bias = None if lin.bias is None else lin.bias.data_ptr()  # float32 and contiguous in every class
         if isinstance(lin, Int4Linear):
             return cls(4, lin.wblk.data_ptr(), lin.dblk.data_ptr(), None, bias, 0.0)
+        if isinstance(lin, Q4KLinear):
+            return cls(45, lin.w.data_ptr(), lin.sm.data_ptr(), lin.dd.data_ptr(), bias, 0.0)
         return cls(8, lin.blocked.data_ptr(), lin.wsum.data_ptr(), lin.mult.data_ptr(), bias, lin.ACT_INV)
 
 
@@ -140,18 +149,20 @@ class NativeOps:
 
 class FusedLayer:
     """A layer that runs whole in C (``layer_step``, through :class:`FusedRun`) for steps of up to :meth:`max_rows`
-    tokens (rows x t): one whose four linears are all :class:`Int4Linear` (the draft) or all :class:`Int8Linear`
-    with the native kernel's weights built (the target); :meth:`of` gives None for any other layer."""
+    tokens (rows x t): one whose four linears are all :class:`Int4Linear` (the draft) or all target linears
+    (:class:`Int8Linear` with the native kernel's weights built, :class:`Q4KLinear`, or a :class:`RowConcat` of
+    those); :meth:`of` gives None for any other layer."""
 
     ENABLED = True  # tests set False to compare with the unfused path
 
     def __init__(self, layer, cfg) -> None:
         self.layer = layer  # keeps the weights, whose addresses the kernel holds, alive
-        self.int8 = isinstance(layer.qkv, Int8Linear)
+        self.int8 = not isinstance(layer.qkv, Int4Linear)  # the target's kind (int8 and Q4_K linears)
         self.lib = optional_library()
+        # the refs are copied into the struct; kept here for a pair's second ref, whose address the copy holds
+        self.refs = [LinearRef.of(lin) for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
         self.weights = LayerWeights(  # the norm weights: float32 and contiguous (decoder.Layer)
-            LayerShape.of(cfg), layer.ln_attn.data_ptr(), layer.ln_mlp.data_ptr(),
-            *(LinearRef.of(lin) for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)))
+            LayerShape.of(cfg), layer.ln_attn.data_ptr(), layer.ln_mlp.data_ptr(), *self.refs)
 
     @classmethod
     def of(cls, layer, cfg) -> "FusedLayer | None":
@@ -161,15 +172,26 @@ class FusedLayer:
             return None
         if all(isinstance(lin, Int4Linear) for lin in linears):
             return cls(layer, cfg)
-        if all(type(lin) is Int8Linear and lin.use_kernel and lin.prepare_native().blocked is not None
-               for lin in linears):
+        if all(_target_native(lin) for lin in linears):
             return cls(layer, cfg)
         return None
 
     def max_rows(self) -> int:
         """Most tokens per step: what the linears' kernels take in one pass over their weights (int8: as
         :class:`Int8Linear` decides, so both paths run the same kernel). Larger steps (prompts) go unfused."""
-        return self.layer.qkv.kernel_rows() if self.int8 else Int4Linear.MAX_ROWS
+        if not self.int8:
+            return Int4Linear.MAX_ROWS
+        layer = self.layer
+        return min(lin.kernel_rows() for lin in (layer.qkv, layer.o, layer.gate_up, layer.down))
+
+
+def _target_native(lin) -> bool:
+    """Whether a target linear runs in C: Q4_K always, int8 once its native weights are built, a pair if both do."""
+    if isinstance(lin, RowConcat):
+        return _target_native(lin.first) and _target_native(lin.second)
+    if isinstance(lin, Q4KLinear):
+        return True
+    return type(lin) is Int8Linear and lin.use_kernel and lin.prepare_native().blocked is not None
 
 
 class FusedRun:
@@ -200,7 +222,7 @@ class FusedRun:
             slots = (_p * len(self.blocks))()
             for j, i in enumerate(keep):
                 slots[i] = kept[j].data_ptr()
-        kind = "fused int8 layer" if self.int8 else "fused int4 layer"
+        kind = "fused target layer" if self.int8 else "fused int4 layer"
         out = _kernel_linear(kind, h, rows * t, hidden, self.max_rows(), lambda x, y: self.lib.layers_step(
             self.weights, len(self.blocks), x, rows, t, cos.data_ptr(), sin.data_ptr(), ctypes.byref(where), slots, y))
         return out, kept

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 
 from ..kernels import optional_library
 
-PRECISIONS = ("fp32", "bf16", "int8", "fp64")
+PRECISIONS = ("fp32", "bf16", "int8", "q4k", "fp64")
+# q4k: the GGUF file's Q4_K linears read as stored (Q4KLinear), the rest int8; built by the loader from the file
+CPU_ONLY = ("int8", "int4", "q4k")  # precisions whose kernels run on the CPU only
 # int4 is a draft-only precision (weight-only int4 decode steps over the int8 model): see Int4Linear
 DRAFT_PRECISIONS = ("int4", *PRECISIONS)
 
@@ -246,6 +248,71 @@ class Int4Linear:
         return Int4Linear(self.base.rows(ids), packed[ids].contiguous(), scales[ids].contiguous())
 
 
+class Q4KLinear:
+    """A linear whose weight is GGUF Q4_K blocks, read as stored (``kernels/q4k.c``): the target's attention and MLP
+    linears under precision ``q4k``. Every row count runs the kernel (decode steps, verifications and prompts), so a
+    row's result never depends on its batch.
+
+    Why: a forward reads every weight once, so it costs its bytes; Q4_K is 4.5 bits a weight against int8's 8, and
+    it keeps the file's own weights instead of an int8 rounding of their dequantized values.
+    """
+
+    SUPER = 256  # weights per Q4_K super-block: the input width must be a multiple
+    RAW = 144  # bytes per super-block in the file
+
+    def __init__(self, raw: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """``raw``: uint8 ``[N, K/256*144]``, the GGUF tensor's rows of ``block_q4_K``."""
+        from ..kernels import library
+
+        self.lib = lib = library()
+        n, row_bytes = raw.shape
+        if row_bytes % self.RAW:
+            raise ValueError(f"Q4_K rows of {row_bytes} bytes: not whole {self.RAW}-byte blocks")
+        k = row_bytes // self.RAW * self.SUPER
+        raw = raw.contiguous()
+        self.out_features, self.in_features = n, k
+        self.w = torch.empty(lib.q4k_quant_bytes(n, k), dtype=torch.uint8)
+        self.sm = torch.empty(lib.q4k_sm_bytes(n, k), dtype=torch.uint8)
+        self.dd = torch.empty(lib.q4k_dd_halves(n, k), dtype=torch.float16)
+        lib.q4k_pack(raw.data_ptr(), n, k, row_bytes, self.w.data_ptr(), self.sm.data_ptr(), self.dd.data_ptr())
+        self.bias = None if bias is None else bias.float().contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        rows = x.numel() // k
+        return _kernel_linear("Q4_K", x, rows, n, rows, lambda x2, y: self.lib.q4k_linear_f32(
+            x2, rows, k, self.w.data_ptr(), self.sm.data_ptr(), self.dd.data_ptr(),
+            None if self.bias is None else self.bias.data_ptr(), n, y))
+
+    def read_bytes(self) -> int:
+        return _nbytes(self.w, self.sm, self.dd, self.bias)
+
+    def kernel_rows(self) -> int:
+        """Any row count runs the kernel; a fused step takes as many rows as the kernel does in one pass."""
+        return 8
+
+
+class RowConcat:
+    """Two linears over the same input, their outputs side by side: ``[first(x), second(x)]``.
+
+    Why: the decoder computes q, k and v in one linear, and the target's GGUF stores v as Q6_K in half its layers
+    (q and k as Q4_K): there v stays int8 and the layer's qkv is this pair (the fused step runs both, layer.c)."""
+
+    def __init__(self, first, second) -> None:
+        self.first, self.second = first, second
+        self.out_features = first.out_features + second.out_features
+        self.bias = None  # each part adds its own
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.first(x), self.second(x)], dim=-1)
+
+    def read_bytes(self) -> int:
+        return self.first.read_bytes() + self.second.read_bytes()
+
+    def kernel_rows(self) -> int:
+        return min(self.first.kernel_rows(), self.second.kernel_rows())
+
+
 def quantize_int4(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight [N, K]`` -> (packed uint8 ``[N, K/2]``, scales fp16 ``[N, K/64]``) in the layout of
     ``kernels/q4.c``: per group of 64 the value of largest magnitude maps to -8 (as GGUF's Q4_0), the
@@ -302,7 +369,7 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None, precision: str):
     """Build the linear layer for ``precision`` (one of :data:`PRECISIONS`)."""
-    if precision == "int8":
+    if precision in ("int8", "q4k"):  # q4k: the loader builds the Q4_K linears; any others are int8
         return Int8Linear.from_float(weight, bias)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[precision]
     return DenseLinear(weight, bias, dtype)
