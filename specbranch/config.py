@@ -55,12 +55,15 @@ class ModelConfig:
     target: str = _help("target model: a registry name, a Hugging Face folder or a .gguf file", default=DEFAULT_TARGET)
     draft: str = _help("draft model (same forms as --target); 'none' for engines that need no draft", default=DEFAULT_DRAFT)
     precision: str = _help(
-        "weight precision of the native backend: int8 (fastest on CPU), bf16, fp32, fp64",
-        default="int8",
-        choices=PRECISIONS,
+        "weight precision of the target: auto = q4k where the target came from a GGUF file with Q4_K linears and "
+        "the native kernels run here (x86-64 with AVX2, a C compiler), else int8 on a CPU, bf16 on a GPU, fp32 with "
+        "--backend hf. q4k reads the GGUF's Q4_K linears as the file stores them (4.5 bits a weight; the rest "
+        "int8): the fewest bytes a step on a CPU. int8: per-channel int8 (any checkpoint). bf16, fp32, fp64: dense",
+        default="auto",
+        choices=("auto", *PRECISIONS),
     )
     draft_precision: str = _help(
-        "weight precision of the draft: auto = int4 when --precision is int8 on a CPU that runs the int4 kernel "
+        "weight precision of the draft: auto = int4 when --precision is int8 or q4k on a CPU that runs the int4 kernel "
         "(AVX2 and a C compiler), else --precision. int4 (draft only) halves the bytes a draft step reads; "
         "the target still decides every token, so output is unchanged",
         default="auto",
@@ -82,8 +85,8 @@ class ModelConfig:
     threads: int = _help("CPU threads for torch (0 = all cores)", default=0)
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.precision not in ("auto", *PRECISIONS):
+            raise ConfigError(f"unknown precision {self.precision!r}; choose auto or one of {', '.join(PRECISIONS)}")
         if self.draft_precision not in ("auto", *DRAFT_PRECISIONS):
             raise ConfigError(f"unknown draft precision {self.draft_precision!r}; choose auto or one of "
                               f"{', '.join(DRAFT_PRECISIONS)}")

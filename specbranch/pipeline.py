@@ -27,7 +27,7 @@ from .config import GenerationConfig, ModelConfig, RuntimeConfig, SamplingConfig
 from .engines import ENGINE_CLASSES, Engine, GenerationResult, generate
 from .errors import ConfigError, ModelError, SpecBranchError
 from .hrad import HRADPredictor, find_shipped
-from .models.linear import subset_head
+from .models.linear import CPU_ONLY, subset_head
 from .models.tokenizer import Tokenizer
 from .policy import resolve_drafting
 from .vocab import draft_vocab_ids
@@ -78,8 +78,23 @@ def draft_precision(cfg: ModelConfig, device: str = "cpu") -> str:
         return "int4"
     if cfg.draft_precision != "auto":
         return cfg.draft_precision
-    usable = cfg.precision == "int8" and cfg.backend == "native" and device == "cpu" and unavailable() is None
+    usable = cfg.precision in ("int8", "q4k") and cfg.backend == "native" and device == "cpu" and unavailable() is None
     return "int4" if usable else cfg.precision
+
+
+def target_precision(cfg: ModelConfig, device: str = "cpu", progress: bool = True) -> str:
+    """``cfg.precision`` with ``auto`` resolved for the target: q4k where its GGUF has Q4_K linears and the native
+    kernels run (the fewest bytes a step), int8 on other CPUs, bf16 on a GPU, fp32 through transformers."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    if device != "cpu":
+        return "bf16"
+    if cfg.backend != "native":
+        return "fp32"
+    from .kernels import unavailable
+    from .models.loader import has_q4k
+
+    return "q4k" if unavailable() is None and has_q4k(resolve(cfg.target, progress)) else "int8"
 
 
 def load_backend(folder: Path, cfg: ModelConfig, device: str = "cpu", vocab_subset: int = 0,
@@ -90,7 +105,7 @@ def load_backend(folder: Path, cfg: ModelConfig, device: str = "cpu", vocab_subs
     the size automatically (drafts only: see :class:`~.models.linear.VocabSubsetHead` and
     :func:`specbranch.vocab.draft_vocab_ids`)."""
     precision = precision or cfg.precision
-    if device != "cpu" and precision in ("int8", "int4"):
+    if device != "cpu" and precision in CPU_ONLY:
         raise ConfigError(f"{precision} weights run on the CPU only: use --precision bf16 or fp32 on {device}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {device} requested but this torch build sees no CUDA GPU: use cpu")
@@ -153,6 +168,7 @@ class Pipeline:
         self._close = lambda: None
         t0 = time.perf_counter()
         # resolved once here, so the draft worker loads what this process reports
+        self.cfg = replace(self.cfg, precision=target_precision(self.cfg, self.runtime.target_device, progress))
         self.draft_precision = draft_precision(self.cfg, self.runtime.draft_device) if self.cfg.has_draft else None
         try:
             if self.runtime.parallel and self.cfg.has_draft:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from ..errors import ModelError
 from ..kvcache import CacheView, KVCache
 from .fused import FusedLayer, FusedRun, NativeOps
-from .linear import activation_dtype, make_linear
+from .linear import CPU_ONLY, activation_dtype, make_linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
@@ -220,7 +220,7 @@ class Decoder:
         device = torch.device(device)
         if device == self.device:
             return self
-        if self.precision in ("int8", "int4"):
+        if self.precision in CPU_ONLY:
             raise ModelError(f"{self.precision} weights run on the CPU only: use precision bf16 or fp32 on {device}")
         tied = self.lm_head.weight is self.embed  # fp32 tied head: one tensor, keep it shared
         self.embed = self.embed.to(device)

@@ -8,13 +8,14 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import ModelError
 from .decoder import Decoder, DecoderConfig
-from .linear import DRAFT_PRECISIONS, Int4Linear, Int8Linear
+from .linear import DRAFT_PRECISIONS, Int4Linear, Int8Linear, Q4KLinear, RowConcat
 
 INT8_FILE = "int8.safetensors"  # quantized linears cached next to the float weights
 INT4_FILE = "int4.safetensors"  # the int4 draft weights, made from the int8 ones
@@ -95,26 +96,131 @@ def load_decoder(folder: str | Path, precision: str = "fp32", threads: int | Non
     if missing:
         raise ModelError(f"{folder}: weights {missing} not found (is this a Llama/Qwen2 checkpoint?)")
     weights.read_ahead("model.embed_tokens.weight")
-    if precision != "int8":
+    if precision not in ("int8", "q4k"):
         return Decoder(cfg, weights, precision)
+    q4k = q4k_tensors(folder, cfg.num_layers) if precision == "q4k" else {}
     qfile = folder / INT8_FILE
     stored = safe_open(str(qfile), framework="pt") if qfile.is_file() else None
 
-    def lin(name, weight_fn, bias):
+    def int8(name, weight_fn, bias):
         if stored is not None:
             return Int8Linear(stored.get_tensor(name + ".qweight"), stored.get_tensor(name + ".scale"), bias)
         return Int8Linear.from_float(weight_fn(), bias)
 
+    def lin(name, weight_fn, bias):
+        parts, whole = q4k.get(name, ([], False))  # the Q4_K tensors that make up its first output rows; all of it?
+        if not parts:
+            return int8(name, weight_fn, bias)
+        n1 = sum(raw.shape[0] for raw in parts)
+        first = Q4KLinear(torch.from_numpy(np.concatenate(parts)), None if bias is None else bias[:n1])
+        if whole:
+            return first
+        rest = int8(name, weight_fn, bias)  # per-row scales: its rows are the int8 precision's rows exactly
+        return RowConcat(first, rest.rows(torch.arange(n1, rest.out_features)))
+
     decoder = Decoder(cfg, weights, precision, lin)
-    if stored is None:
+    if stored is None and precision == "int8":
         save_int8(decoder, qfile)
+    int8s = _int8_linears(decoder)
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:  # prepack and ctypes calls release the GIL
-        list(pool.map(Int8Linear.pack, decoder.linears().values()))
+        list(pool.map(Int8Linear.pack, int8s))
         if decode_kernel:
-            list(pool.map(Int8Linear.prepare_native, decoder.linears().values()))
+            list(pool.map(Int8Linear.prepare_native, int8s))
     if decode_kernel:
         decoder.fuse_layers()
     return decoder
+
+
+# The GGUF tensors of each of the decoder's linears, in the order its output rows stack them (decoder.Layer).
+_PARTS = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
+          "down": ("ffn_down",)}
+
+
+Q4K_INDEX = "q4k-index.json"  # where the GGUF's Q4_K layer tensors lie, cached next to the converted weights
+
+
+def q4k_index(folder: Path) -> dict | None:
+    """Where the layer linears stored as Q4_K lie in the GGUF ``folder`` was converted from: ``{"tensors": {name:
+    [offset, rows, row bytes]}, "model_type", "heads"}``, or None without a GGUF file. Cached in the folder (keyed by
+    the file's path, size and mtime) because gguf-py's reader parses the whole metadata, the 151,936-token
+    vocabulary included: some 7 s a read for the default target."""
+    from .registry import gguf_source
+
+    path = gguf_source(folder)
+    if path is None:
+        return None
+    st = path.stat()
+    source = {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    cached = Path(folder) / Q4K_INDEX
+    try:
+        index = json.loads(cached.read_text())
+        if index.get("source") == source:
+            return index
+    except (OSError, ValueError):
+        pass
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from .gguf import hf_config
+
+    reader = GGUFReader(path)
+    config = hf_config(reader, path)
+    kinds = {kind for kinds in _PARTS.values() for kind in kinds}
+    index = {"source": source, "model_type": config["model_type"],
+             "heads": {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]},
+             "tensors": {t.name: [int(t.data_offset), *map(int, t.data.shape)] for t in reader.tensors
+                         if t.tensor_type == GGMLQuantizationType.Q4_K and t.name.startswith("blk.")
+                         and t.name.split(".")[2] in kinds}}
+    tmp = cached.with_suffix(".partial")
+    try:
+        tmp.write_text(json.dumps(index))
+        tmp.replace(cached)
+    except OSError:  # a read-only model folder: read the GGUF again next time
+        tmp.unlink(missing_ok=True)
+    return index
+
+
+def has_q4k(folder: Path) -> bool:
+    """Whether ``folder`` was converted from a GGUF file, still there, with Q4_K layer linears (precision q4k pays)."""
+    index = q4k_index(folder)
+    return bool(index and index["tensors"])
+
+
+def q4k_tensors(folder: Path, num_layers: int) -> dict[str, tuple[list[np.ndarray], bool]]:
+    """For precision q4k: each layer linear's leading GGUF parts stored as Q4_K (raw ``block_q4_K`` rows, memory-mapped
+    from the GGUF the folder was converted from) and whether that is all of it; linears with none are left out."""
+    from .gguf import unpermute
+    from .registry import gguf_source
+
+    index = q4k_index(folder)
+    if index is None:
+        raise ModelError(f"precision q4k reads the GGUF file's Q4_K weights, and {folder} was not converted from a "
+                         "GGUF file that is still there: use --precision int8, or pass the .gguf file as the model")
+    data = np.memmap(gguf_source(folder), dtype=np.uint8, mode="r")
+    out = {}
+    for i in range(num_layers):
+        for name, kinds in _PARTS.items():
+            parts = []
+            for kind in kinds:
+                where = index["tensors"].get(f"blk.{i}.{kind}.weight")
+                if where is None:
+                    break
+                offset, rows, row_bytes = where
+                raw = data[offset : offset + rows * row_bytes].reshape(rows, row_bytes)  # [N, K/256 * 144]
+                if index["model_type"] == "llama" and kind in index["heads"]:  # the rows, as the converter orders them
+                    raw = unpermute(raw, index["heads"][kind])
+                parts.append(raw)
+            if parts:
+                out[f"layers.{i}.{name}"] = (parts, len(parts) == len(kinds))
+    return out
+
+
+def _int8_linears(decoder: Decoder) -> list[Int8Linear]:
+    """The decoder's int8 linears, the second halves of row pairs included."""
+    found = []
+    for lin in decoder.linears().values():
+        found += [part for part in ((lin.first, lin.second) if isinstance(lin, RowConcat) else (lin,))
+                  if isinstance(part, Int8Linear)]
+    return found
 
 
 def to_int4(decoder: Decoder, path: Path) -> Decoder:

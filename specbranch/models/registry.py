@@ -170,6 +170,19 @@ def prepare_model(name: str, cache_dir: Path | None = None, progress: bool = Tru
     return folder
 
 
+def gguf_source(folder: Path) -> Path | None:
+    """The GGUF file a converted folder was made from, where it is still there: a registry model's assembled file
+    beside the folder, or the path a user's file was converted from (None for a Hugging Face folder)."""
+    root = Path(folder).parent
+    if (root / GGUF_FILE).is_file():
+        return root / GGUF_FILE
+    try:
+        path = Path(json.loads((root / SOURCE_FILE).read_text())["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return path if path.is_file() else None
+
+
 def list_models(cache_dir: Path | None = None) -> list[ModelInfo]:
     cache = cache_dir or default_cache_dir()
     out = []
