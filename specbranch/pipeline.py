@@ -41,7 +41,7 @@ class LoadedModel:
                  vocab_subset: int = 0, precision: str | None = None) -> None:
         self.name, self.folder, self.tokenizer, self.cfg, self.device = name, folder, tokenizer, cfg, device
         self.vocab_subset = vocab_subset
-        self.precision = precision or cfg.precision
+        self.precision = precision or target_precision(cfg, folder, device)
         self.load_time_s = 0.0
         self._backend: Backend | None = None
 
@@ -68,7 +68,7 @@ def resolve(spec: str, progress: bool = True) -> Path:
 
 def draft_precision(cfg: ModelConfig, device: str = "cpu") -> str:
     """The draft's weight precision: ``cfg.draft_precision``, with ``auto`` resolved to int4 where it
-    can run (an int8 pair on a CPU with the int4 kernel), else the target's precision."""
+    can run (an int8 or q4k pair, or auto, on a CPU with the int4 kernel), else the target's precision."""
     from .kernels import unavailable
 
     if cfg.draft_precision == "int4":
@@ -78,23 +78,29 @@ def draft_precision(cfg: ModelConfig, device: str = "cpu") -> str:
         return "int4"
     if cfg.draft_precision != "auto":
         return cfg.draft_precision
-    usable = cfg.precision in ("int8", "q4k") and cfg.backend == "native" and device == "cpu" and unavailable() is None
-    return "int4" if usable else cfg.precision
+    usable = cfg.precision in ("auto", "int8", "q4k") and cfg.backend == "native" and device == "cpu" \
+        and unavailable() is None
+    return "int4" if usable else _dense_or_int8(cfg, device)
 
 
-def target_precision(cfg: ModelConfig, device: str = "cpu", progress: bool = True) -> str:
-    """``cfg.precision`` with ``auto`` resolved for the target: q4k where its GGUF has Q4_K linears and the native
-    kernels run (the fewest bytes a step), int8 on other CPUs, bf16 on a GPU, fp32 through transformers."""
+def _dense_or_int8(cfg: ModelConfig, device: str) -> str:
+    """``cfg.precision``, or for auto what it means without the native kernels' quantized formats: bf16 on a GPU,
+    fp32 through transformers, int8 on a CPU."""
     if cfg.precision != "auto":
         return cfg.precision
-    if device != "cpu":
-        return "bf16"
-    if cfg.backend != "native":
-        return "fp32"
+    return "bf16" if device != "cpu" else "fp32" if cfg.backend != "native" else "int8"
+
+
+def target_precision(cfg: ModelConfig, folder: Path, device: str = "cpu") -> str:
+    """``cfg.precision`` with ``auto`` resolved for the model in ``folder``: q4k where its GGUF has Q4_K linears and
+    the native kernels run (the fewest bytes a step), int8 on other CPUs, bf16 on a GPU, fp32 through transformers."""
     from .kernels import unavailable
     from .models.loader import has_q4k
 
-    return "q4k" if unavailable() is None and has_q4k(resolve(cfg.target, progress)) else "int8"
+    precision = _dense_or_int8(cfg, device)
+    if cfg.precision == "auto" and precision == "int8" and unavailable() is None and has_q4k(folder):
+        return "q4k"
+    return precision
 
 
 def load_backend(folder: Path, cfg: ModelConfig, device: str = "cpu", vocab_subset: int = 0,
@@ -104,7 +110,7 @@ def load_backend(folder: Path, cfg: ModelConfig, device: str = "cpu", vocab_subs
     restricts the LM head to that many of the most frequent tokens plus the special ones, -1 picks
     the size automatically (drafts only: see :class:`~.models.linear.VocabSubsetHead` and
     :func:`specbranch.vocab.draft_vocab_ids`)."""
-    precision = precision or cfg.precision
+    precision = precision or target_precision(cfg, folder, device)
     if device != "cpu" and precision in CPU_ONLY:
         raise ConfigError(f"{precision} weights run on the CPU only: use --precision bf16 or fp32 on {device}")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -168,7 +174,8 @@ class Pipeline:
         self._close = lambda: None
         t0 = time.perf_counter()
         # resolved once here, so the draft worker loads what this process reports
-        self.cfg = replace(self.cfg, precision=target_precision(self.cfg, self.runtime.target_device, progress))
+        self.cfg = replace(self.cfg, precision=target_precision(self.cfg, resolve(self.cfg.target, progress),
+                                                                self.runtime.target_device))
         self.draft_precision = draft_precision(self.cfg, self.runtime.draft_device) if self.cfg.has_draft else None
         try:
             if self.runtime.parallel and self.cfg.has_draft:

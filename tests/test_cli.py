@@ -96,14 +96,16 @@ def test_profile_writes_one_table_per_worker(tiny_pair, tmp_path, monkeypatch, c
     assert "operator profiles written" in capsys.readouterr().err
 
 
-def test_draft_precision_auto_is_int4_only_for_an_int8_pair_on_cpu():
+def test_draft_precision_auto_is_int4_only_for_an_int8_or_q4k_pair_on_cpu():
     from specbranch.config import ModelConfig
     from specbranch.errors import ConfigError
     from specbranch.pipeline import draft_precision
 
     assert draft_precision(ModelConfig()) == "int4"  # this machine builds the kernel (AVX2 + gcc)
     assert draft_precision(ModelConfig(precision="fp64")) == "fp64"
-    assert draft_precision(ModelConfig(), device="cuda") == "int8"
+    assert draft_precision(ModelConfig(), device="cuda") == "bf16"  # auto on a GPU
+    assert draft_precision(ModelConfig(precision="int8"), device="cuda") == "int8"
+    assert draft_precision(ModelConfig(precision="q4k")) == "int4"
     assert draft_precision(ModelConfig(draft_precision="bf16")) == "bf16"
     with pytest.raises(ConfigError, match="CPU only"):
         draft_precision(ModelConfig(draft_precision="int4"), device="cuda")

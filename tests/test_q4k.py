@@ -256,11 +256,12 @@ def test_auto_precision_takes_q4k_only_where_the_gguf_has_q4k(q4k_model, tiny_fo
     from specbranch.pipeline import target_precision
 
     folder, _ = q4k_model
-    assert target_precision(ModelConfig(target=str(folder), draft="none"), progress=False) == "q4k"
+    assert target_precision(ModelConfig(), folder) == "q4k"
     assert (folder / Q4K_INDEX).is_file()
     monkeypatch.setattr(gguf_module, "GGUFReader", lambda *a: pytest.fail("the cached index was not used"))
     assert has_q4k(folder)
     _, hf_folder, _ = tiny_folder
-    assert target_precision(ModelConfig(target=str(hf_folder), draft="none"), progress=False) == "int8"
-    assert target_precision(ModelConfig(target=str(hf_folder), draft="none", precision="bf16"), progress=False) == "bf16"
-    assert target_precision(ModelConfig(target=str(hf_folder), draft="none"), device="cuda", progress=False) == "bf16"
+    assert target_precision(ModelConfig(), hf_folder) == "int8"
+    assert target_precision(ModelConfig(precision="bf16"), hf_folder) == "bf16"
+    assert target_precision(ModelConfig(), hf_folder, device="cuda") == "bf16"
+    assert target_precision(ModelConfig(backend="hf"), hf_folder) == "fp32"
