@@ -245,8 +245,13 @@ def test_int4_kernel_gives_the_same_bits_with_avx2_and_vnni(n):
     passes). At one row VNNI runs quads of blocks a quarter of the matrix apart: N = 201 is 13 blocks (3 quads
     and the partial block alone), N = 250 is 16 (4 quads, the partial block in the last)."""
     lin, _ = int4_layer(n=n, k=320)
-    x = torch.randn(4, 320) * torch.logspace(-2, 2, 4)[:, None]
-    for m in range(1, 5):
+    assert_same_bits_on_avx2_and_vnni(lin, torch.randn(4, 320) * torch.logspace(-2, 2, 4)[:, None])
+
+
+def assert_same_bits_on_avx2_and_vnni(lin, x: torch.Tensor) -> None:
+    """``lin`` on the first 1, 2, ... rows of ``x`` gives the same bits with the VNNI code and the AVX2 code
+    (skipped where the CPU lacks VNNI)."""
+    for m in range(1, x.shape[0] + 1):
         with pinned_isa(True) as vnni:
             if not vnni:
                 pytest.skip("this CPU has no AVX-512 VNNI")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_hf, perturbed
-from test_linear import kernel_isa, on_one_and_two_threads, pinned_isa  # noqa: F401 (a fixture)
+from test_linear import assert_same_bits_on_avx2_and_vnni, kernel_isa, on_one_and_two_threads  # noqa: F401
 from test_registry import gguf_name
 
 from specbranch.errors import ModelError
@@ -88,15 +88,7 @@ def test_q4k_linear_is_batch_and_thread_invariant(kernel_isa):
 
 def test_q4k_kernel_gives_the_same_bits_with_avx2_and_vnni():
     lin, _ = q4k_layer(n=45, k=512, seed=3)
-    x = torch.randn(10, 512) * torch.logspace(-2, 2, 10)[:, None]
-    for m in range(1, 11):
-        with pinned_isa(True) as vnni:
-            if not vnni:
-                pytest.skip("this CPU has no AVX-512 VNNI")
-            on_vnni = lin(x[:m])
-        with pinned_isa(False):
-            on_avx2 = lin(x[:m])
-        assert torch.equal(on_vnni, on_avx2), f"{m} rows differ"
+    assert_same_bits_on_avx2_and_vnni(lin, torch.randn(10, 512) * torch.logspace(-2, 2, 10)[:, None])
 
 
 # ---------------------------------------------------------------- a tiny GGUF model at precision q4k
@@ -113,26 +105,9 @@ Q8_TENSORS = {"blk.0.attn_v.weight", "blk.0.ffn_down.weight"}
 def write_q4k_gguf(path, model) -> None:
     """``model`` as a qwen2 GGUF with the tensors above as random Q4_K blocks (the model's weights set to their
     dequantized values) or Q8_0, the rest float32; with the conftest tokenizer."""
-    from test_registry import TEMPLATE, tiny_tokenizer_meta
+    from test_registry import gguf_writer, tiny_tokenizer_meta
 
-    cfg = model.config
-    tok = tiny_tokenizer_meta(path.parent / "tok")
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tok["tokens"])
-    w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
-    w.add_eos_token_id(tok["eos"])
-    w.add_chat_template(TEMPLATE)
+    w = gguf_writer(path, model.config, "qwen2", tiny_tokenizer_meta(path.parent / "tok"))
     with torch.no_grad():
         for i, (name, p) in enumerate(model.named_parameters()):
             gname = gguf_name(name)

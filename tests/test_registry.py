@@ -54,11 +54,9 @@ def tiny_tokenizer_meta(tmp: Path) -> dict:
     return {"tokens": tokens, "merges": merges, "types": types, "eos": eos}
 
 
-def write_gguf(path: Path, model, arch: str, tok: dict | None = None) -> dict[str, torch.Tensor]:
-    """Write ``model`` as a GGUF the way llama.cpp would (Q/K permuted for llama, tied head
-    omitted, the tensors in Q8 quantized). Sets the model's weights to their dequantized values and
-    returns them by Hugging Face name: exactly what the conversion must produce."""
-    cfg = model.config
+def gguf_writer(path: Path, cfg, arch: str, tok: dict | None = None):
+    """A GGUFWriter with the metadata of a model of config ``cfg`` (and of the tokenizer ``tok``) added: the tensors
+    come next."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
@@ -76,6 +74,15 @@ def write_gguf(path: Path, model, arch: str, tok: dict | None = None) -> dict[st
         w.add_token_merges(tok["merges"])
         w.add_eos_token_id(tok["eos"])
         w.add_chat_template(TEMPLATE)
+    return w
+
+
+def write_gguf(path: Path, model, arch: str, tok: dict | None = None) -> dict[str, torch.Tensor]:
+    """Write ``model`` as a GGUF the way llama.cpp would (Q/K permuted for llama, tied head
+    omitted, the tensors in Q8 quantized). Sets the model's weights to their dequantized values and
+    returns them by Hugging Face name: exactly what the conversion must produce."""
+    cfg = model.config
+    w = gguf_writer(path, cfg, arch, tok)
     expected = {}
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
     with torch.no_grad():
