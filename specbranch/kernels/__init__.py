@@ -4,10 +4,12 @@ A layer's work between its linears (``layer.c``: norms, rope, KV cache writes, a
 float32 CPU forward; around the int4 linear it also runs a whole int4 draft layer's decode step.
 Small-batch linears: the int4 weight-only linear of the draft's decode steps (``q4.c``: AVX2 and AVX-512
 VNNI code for 1-4 rows) and the int8 linear of the target's decode steps and verifications, bit-identical to
-FBGEMM's (``q8.c``: AVX2 code for 1-2 rows and AVX-512 VNNI code for 1-8). ``isa.c`` picks the code at run
+FBGEMM's (``q8.c``: AVX2 code for 1-2 rows and AVX-512 VNNI code for 1-8). The target's GGUF Q4_K linears, read
+as stored, for any row count (``q4k.c``: precision q4k). ``isa.c`` picks the code at run
 time from the CPU; each kernel's two codes give the same bits. While one worker of the parallel runtime
 waits for the other, a helper thread of the other's process on its core takes chunks of that process's linears
-(``lend.c``: the target's int8 linears while the draft waits, the draft's int4 ones while the target waits).
+(``lend.c``: the target's int8 and Q4_K linears while the draft waits, the draft's int4 ones while the target
+waits).
 
 The C sources ship with the package and are compiled once, into one library, with the system C
 compiler into the model cache (``$SPECBRANCH_CACHE/kernels``), keyed by a hash of the source and the
@@ -168,7 +170,7 @@ def unavailable() -> str | None:
 
 
 def code_in_use() -> str:
-    """Which code the int8 and int4 kernels run here: "AVX-512 VNNI", "AVX2", or "none (<why>)"."""
+    """Which code the int8, int4 and Q4_K kernels run here: "AVX-512 VNNI", "AVX2", or "none (<why>)"."""
     lib = optional_library()
     if lib is None:
         return f"none ({unavailable()})"
