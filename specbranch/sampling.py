@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -23,6 +24,16 @@ from specbranch.errors import ConfigError
 
 #: Residual mass at or below which the residual distribution is replaced by ``p`` (see `residual`).
 RESIDUAL_EPS = 1e-12
+
+
+def greedy_token(logits: Tensor) -> int:
+    """The index of the largest of ``logits [V]``: the first one on ties (and the first NaN), as ``torch.argmax``.
+
+    Why numpy on the CPU: over the 151,936 logits of the default pair, ``torch.argmax`` took 140 us on one thread
+    (150 on two), numpy's 13 us (Zen 4); every drafted token takes one and every verified position one more."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.float64) and logits.dim() == 1:
+        return int(np.argmax(logits.detach().numpy()))
+    return int(logits.argmax())
 
 
 def probs_from_logits(logits: Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:

@@ -22,6 +22,7 @@ from conftest import assert_matches, chi2_pvalue
 
 from specbranch.sampling import (
     RESIDUAL_EPS,
+    greedy_token,
     inverse_cdf,
     probs_from_logits,
     residual,
@@ -242,6 +243,19 @@ def test_greedy_ties_resolve_to_the_lowest_index_everywhere():
     assert select_branch_greedy([2, 1], tied[0]) == BranchVerdict(1, 1)
     probs = probs_from_logits(tied, 0.0)
     assert verify_chain_greedy([1], probs) == verify_chain_greedy([1], tied)
+
+
+def test_greedy_token_is_torch_argmax():
+    """greedy_token (numpy on the CPU) picks what torch.argmax picks: the first maximum, the first NaN, within -inf
+    padding (a draft's vocabulary subset), on views, in float64, and through torch for other dtypes."""
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(-3, 4, (64, 200), generator=g).float()  # many ties
+    rows[::3, 50:] = float("-inf")
+    rows[5, 7] = rows[9, 120] = float("nan")
+    rows[11] = float("-inf")
+    for row in (*rows, *rows.double(), *rows.bfloat16(), *rows.t()[:, :40].t()):
+        assert greedy_token(row) == int(row.argmax()), row
+    assert greedy_token(torch.tensor([1.0, 4.0, 4.0])) == 1  # not the last of the tied
 
 
 def test_greedy_branch_selection():

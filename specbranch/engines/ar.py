@@ -9,14 +9,14 @@ import torch
 from ..backend import Backend, prefill
 from ..config import SamplingConfig
 from ..metrics import Metrics
-from ..sampling import probs_from_logits, sample
+from ..sampling import greedy_token, probs_from_logits, sample
 from .base import Engine
 
 
 def next_token(logits: torch.Tensor, sampling: SamplingConfig, rng: torch.Generator) -> int:
     """Greedy argmax at T = 0 (integer result, no probabilities needed), else a sample of p."""
     if sampling.greedy:
-        return int(logits.argmax())
+        return greedy_token(logits)
     return sample(probs_from_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p), rng)
 
 

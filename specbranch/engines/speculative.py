@@ -22,7 +22,7 @@ import torch
 from ..backend import Backend
 from ..config import SamplingConfig, SpeculationConfig
 from ..metrics import Metrics
-from ..sampling import draft_generator, probs_from_logits, sample
+from ..sampling import draft_generator, greedy_token, probs_from_logits, sample
 from ..verify import (
     BranchVerdict,
     draw_candidates,
@@ -83,7 +83,7 @@ class Speculator:
     def propose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         """Next chain token from draft logits ``[V]``, and the ``q`` it was drawn from (rule C)."""
         if self.rule != "C":
-            return int(logits.argmax()), None
+            return greedy_token(logits), None
         q = self.probs(logits)
         return sample(q, self.draft_rng), q
 
@@ -121,11 +121,11 @@ class Speculator:
 
     def next_token(self, logits: torch.Tensor) -> int:
         """A token straight from the target (the bonus token): argmax at T = 0, else a sample of p."""
-        return int(logits.argmax()) if self.rule == "A" else sample(self.probs(logits), self.rng)
+        return greedy_token(logits) if self.rule == "A" else sample(self.probs(logits), self.rng)
 
     def _select(self, pos: Position, logits: torch.Tensor) -> BranchVerdict:
         if self.rule == "A":
-            return select_branch_greedy(pos.candidates, int(logits.argmax()))
+            return select_branch_greedy(pos.candidates, greedy_token(logits))
         if self.rule == "B":
             return select_branch_match(pos.candidates, self.probs(logits), self.rng)
         return select_branch_sampled(pos.candidates, self.probs(logits), pos.q, self.rng, without_replacement=True)
