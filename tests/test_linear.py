@@ -1,5 +1,8 @@
 """The precision-specific linear layers."""
 
+import os
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -76,6 +79,25 @@ def kernel_isa(request):
         if vnni != (request.param == "vnni"):
             pytest.skip("this CPU has no AVX-512 VNNI")
         yield library().q8_max_rows()
+
+
+def test_kernel_isa_environment_variable_pins_avx2_in_a_new_process():
+    """$SPECBRANCH_KERNEL_ISA=avx2 reaches every process that loads the kernels (the parallel runtime's draft worker
+    too): the library starts on its AVX2 code; a misspelt value is refused with what to write instead."""
+    from specbranch.kernels import ISA_ENV, unavailable
+
+    if unavailable() is not None:
+        pytest.skip(f"the native kernels cannot run here: {unavailable()}")
+    code = "from specbranch.kernels import code_in_use; print(code_in_use())"
+
+    def run(value: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code], env={**os.environ, ISA_ENV: value}, capture_output=True,
+                              text=True, timeout=120)
+
+    assert run("avx2").stdout.strip() == "AVX2"
+    assert run("auto").stdout.strip() in ("AVX2", "AVX-512 VNNI")
+    bad = run("avx9")
+    assert bad.returncode != 0 and "use 'avx2'" in bad.stderr
 
 
 @pytest.mark.parametrize("n,k,bias", [(300, 200, True), (129, 1536, False), (66, 650, True)])

@@ -15,7 +15,9 @@ The C sources ship with the package and are compiled once, into one library, wit
 compiler into the model cache (``$SPECBRANCH_CACHE/kernels``), keyed by a hash of the source and the
 flags, then loaded with ``ctypes``. Compiling takes a few seconds. It needs an x86-64 CPU with AVX2,
 FMA and F16C and a C compiler (``cc``/``gcc``); where either is missing :func:`unavailable` says why and
-callers fall back to int8. The library links the same ``libgomp.so.1`` torch has loaded, so it
+callers fall back to int8. ``$SPECBRANCH_KERNEL_ISA=avx2`` pins the AVX2 codes on a CPU that has AVX-512 VNNI
+(with ``FBGEMM_ENABLE_INSTRUCTIONS=AVX2`` for torch's int8 linears): to check or time, on one machine and in every
+worker process, what a CPU without VNNI runs. The library links the same ``libgomp.so.1`` torch has loaded, so it
 shares torch's OpenMP thread pool and follows ``torch.set_num_threads``.
 """
 
@@ -74,6 +76,9 @@ def _build_dir() -> Path:
     from ..models.registry import default_cache_dir
 
     return default_cache_dir() / "kernels"
+
+
+ISA_ENV = "SPECBRANCH_KERNEL_ISA"  # "avx2" pins the AVX2 codes (library(), module docstring)
 
 
 @functools.cache
@@ -147,6 +152,10 @@ def library() -> ctypes.CDLL:
     lib.lend_active.restype = ctypes.c_int
     lib.lend_helped.argtypes = [p]
     lib.lend_helped.restype = ctypes.c_uint64
+    isa = os.environ.get(ISA_ENV, "auto").strip().lower()
+    if isa not in ("auto", "avx2"):
+        raise ValueError(f"${ISA_ENV}={isa!r}: use 'avx2' (pin the AVX2 codes) or 'auto' (the best the CPU has)")
+    lib.kernels_select_isa(isa == "auto")
     return lib
 
 
