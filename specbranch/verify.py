@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from specbranch.sampling import inverse_cdf, residual, sample, sample_rows, uniforms
+from specbranch.sampling import greedy_token, inverse_cdf, residual, sample, sample_rows, uniforms
 
 Tokens = Sequence[int] | Tensor
 
@@ -69,7 +69,7 @@ def verify_chain_greedy(draft_tokens: Tokens, target: Tensor) -> ChainVerdict:
     """Rule A on a chain. ``target``: logits/probs ``[n+1, V]`` or their argmax ids ``[n+1]``."""
     draft = _token_list(draft_tokens)
     if target.dim() == 2:
-        best = target.argmax(dim=-1).tolist()  # [n+1]; ties -> lowest index
+        best = [greedy_token(row) for row in target]  # [n+1]; ties -> lowest index
     elif target.dim() == 1 and not target.is_floating_point():
         best = target.tolist()
     else:
@@ -85,7 +85,7 @@ def select_branch_greedy(candidates: Tokens, target: Tensor | int) -> BranchVerd
     if not isinstance(target, Tensor):
         best = int(target)
     elif target.dim() == 1:
-        best = int(target.argmax())  # ties -> lowest index
+        best = greedy_token(target)  # ties -> lowest index
     elif target.dim() == 0 and not target.is_floating_point():
         best = int(target)
     else:

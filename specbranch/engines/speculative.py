@@ -125,7 +125,7 @@ class Speculator:
 
     def _select(self, pos: Position, logits: torch.Tensor) -> BranchVerdict:
         if self.rule == "A":
-            return select_branch_greedy(pos.candidates, greedy_token(logits))
+            return select_branch_greedy(pos.candidates, logits)
         if self.rule == "B":
             return select_branch_match(pos.candidates, self.probs(logits), self.rng)
         return select_branch_sampled(pos.candidates, self.probs(logits), pos.q, self.rng, without_replacement=True)
