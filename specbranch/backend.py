@@ -12,6 +12,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 from .models.decoder import Decoder, ForwardOutput
+from .models.linear import VocabSubsetHead
 from .kvcache import KVCache
 
 
@@ -68,8 +69,14 @@ class NativeBackend:
 
     def reset(self) -> None:
         self.cache.reset()
+        if isinstance(self.decoder.lm_head, VocabSubsetHead):
+            self.decoder.lm_head.clear()
 
     def forward(self, tokens, hidden_layers=(), last_only=False) -> ForwardOutput:
+        # A reduced head (a draft's) scores every token of its context since reset: a token the target copies from
+        # the prompt, or emitted once already, can then be proposed (VocabSubsetHead explains why)
+        if isinstance(self.decoder.lm_head, VocabSubsetHead):
+            self.decoder.lm_head.admit(tokens.flatten().tolist())
         return self.decoder.forward(tokens, self.cache, hidden_layers, last_only)
 
     def truncate(self, length: int) -> None:

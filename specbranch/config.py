@@ -72,8 +72,9 @@ class ModelConfig:
     backend: str = _help("native (fast, branchable KV cache) or hf (transformers reference)", default="native", choices=BACKENDS)
     max_len: int = _help("KV cache capacity in tokens (prompt + generated)", default=4096)
     draft_vocab: int = _help(
-        "draft LM head restricted to the N most frequent tokens (by --draft-vocab-ranks) plus special tokens; "
-        "the target still verifies over the full vocabulary, so output is unchanged. 0 = full vocabulary; "
+        "draft LM head restricted to the N most frequent tokens (by --draft-vocab-ranks) plus special tokens "
+        "and every token of the prompt and output so far; the target still verifies over the full vocabulary, "
+        "so output is unchanged. 0 = full vocabulary; "
         "-1 = 32768 when a ranking for the draft's tokenizer is given or shipped, else full",
         default=-1,
     )

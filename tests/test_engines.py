@@ -18,6 +18,7 @@ from specbranch.engines import speculative
 from specbranch.engines.specbranch import SpecBranchEngine
 from specbranch.policy import DraftPolicy
 from specbranch.models.decoder import Decoder, DecoderConfig
+from specbranch.models.linear import subset_head
 from specbranch.sampling import probs_from_logits
 from specbranch.verify import BranchVerdict, select_branch_sampled
 
@@ -219,8 +220,6 @@ def test_chi_square_catches_the_reference_branch_rule(sampling_pair, monkeypatch
 
 
 def with_subset_head(backend: NativeBackend, n: int) -> NativeBackend:
-    from specbranch.models.linear import subset_head
-
     dec = backend.decoder
     dec.lm_head = subset_head(dec.lm_head, torch.arange(n), dec.cfg.vocab_size)
     return backend
@@ -240,6 +239,26 @@ def test_reduced_vocabulary_draft_stays_lossless(greedy_pair, sampling_pair):
     engine = ENGINE_CLASSES["sd"](native(target_model), with_subset_head(native(draft_model), 3), SpeculationConfig(2))
     counts = sample_engine(engine, [1, 3], sampling, 5000)
     assert_matches(counts, target_law(target_model, [1, 3], sampling), 5000)
+
+
+def test_a_reduced_draft_proposes_the_tokens_of_its_context(greedy_pair):
+    """The draft is the target itself, but its head ranks every token except one that the target copies from the
+    prompt: the backend admits the prompt's tokens, so sd never misses; a new prompt without it drops it again."""
+    target_model, _ = greedy_pair
+    prompt = torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    want = run(AREngine(native(target_model)), prompt, 30).tokens
+    copied = next(t for t in want if t in prompt)
+    ranked = torch.tensor([t for t in range(64) if t != copied])
+    draft = native(target_model)
+    draft.decoder.lm_head = subset_head(draft.decoder.lm_head, ranked, 64)
+    got = run(ENGINE_CLASSES["sd"](native(target_model), draft, SpeculationConfig(4)), prompt, 30)
+    assert got.tokens == want
+    assert got.metrics.num_accepted_tokens == got.metrics.num_draft_tokens > 0  # the copied token was proposed too
+    draft.reset()
+    logits = draft.forward(torch.tensor([[t for t in prompt if t != copied]])).logits
+    assert torch.isinf(logits[..., copied]).all()  # admitted per context, not for good
+    draft.forward(torch.tensor([[copied]]))
+    assert torch.isfinite(draft.forward(torch.tensor([[prompt[0]]])).logits[..., copied]).all()
 
 
 def int4_draft(model, path):

@@ -312,6 +312,43 @@ def test_int4_subset_head_keeps_its_rows():
     assert torch.isinf(got).sum() == 2 * 46
 
 
+def test_int4_rows_in_any_order_score_as_the_full_layer():
+    """rows() unpacks only the blocks it needs (admitting a few tokens must be cheap): ids from several blocks,
+    unsorted, score exactly as the full layer's columns, at the kernel's row counts and on the int8 fallback."""
+    lin, _ = int4_layer(n=70, bias=True)
+    ids = torch.tensor([69, 3, 40, 17, 16, 0])  # blocks 4, 0, 2, 1, 1, 0 of 16 rows (the last one partial)
+    sub = lin.rows(ids)
+    for rows in (1, 3, 9):
+        x = torch.randn(rows, 192)
+        assert torch.equal(sub(x), lin(x)[:, ids])
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
+def test_vocab_subset_head_admits_context_tokens_until_cleared(precision):
+    from specbranch.models.linear import make_linear, subset_head
+
+    torch.manual_seed(0)
+    head = int4_layer(n=50, bias=False)[0] if precision == "int4" else make_linear(torch.randn(50, 192), None, precision)
+    sub = subset_head(head, torch.arange(0, 50, 2), 50)  # the even tokens
+    # the kernels score a row alike in any subset; fp32 GEMM may round differently for another width
+    same = (lambda a, b: torch.allclose(a, b, atol=1e-5)) if precision == "fp32" else torch.equal
+    x = torch.randn(2, 192)
+    full = head(x)
+    assert torch.isinf(sub(x)[:, 1::2]).all()
+    sub.admit([7, 4, 31, 7, 99])  # 4 is ranked already, 99 lies outside the vocabulary
+    got = sub(x)
+    assert same(got[:, [7, 31]], full[:, [7, 31]]) and same(got[:, ::2], full[:, ::2])
+    odd = [t for t in range(1, 50, 2) if t not in (7, 31)]
+    assert torch.isinf(got[:, odd]).all()
+    extra, size = sub.extra, sub.read_bytes()
+    sub.admit([7, 2])
+    assert sub.extra is extra  # nothing new: no rebuild
+    sub.admit([9])
+    assert sub.read_bytes() >= size and same(sub(x)[:, 9], full[:, 9])  # int4 pads rows to blocks of 16
+    sub.clear()
+    assert torch.isinf(sub(x)[:, 1::2]).all() and sub.read_bytes() < size
+
+
 def test_missing_compiler_is_a_clear_reason(monkeypatch, tmp_path):
     from specbranch import kernels
 
