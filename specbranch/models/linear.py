@@ -132,6 +132,12 @@ class Int8Linear:
         """Calls of up to this many rows run the native kernel (0: none do)."""
         return min(self.KERNEL_ROWS, _kernel_rows()) if self.use_kernel else 0
 
+    def release(self) -> "Int8Linear":
+        """Drop the copies built for computing (FBGEMM's prepacked weights, the native kernel's): a layer kept only to
+        cut rows from (a reduced head's full head) needs just ``qweight``; both are rebuilt on next use."""
+        self.packed = self.blocked = self.wsum = self.mult = None
+        return self
+
     def prepare_native(self) -> "Int8Linear":
         """Build the native kernel's copy of the weights (kernels/q8.c: blocked layout, row sums, FBGEMM's
         output multipliers). Done on first use, or ahead by the loader; a no-op where the kernel cannot run."""
@@ -447,4 +453,8 @@ def subset_head(head, ids: torch.Tensor, vocab_size: int) -> VocabSubsetHead:
     """Restrict an existing head (int4, int8 or dense) to the rows ``ids``, reusing its weights; the full head is
     kept (not read by forwards) for the rows of admitted tokens."""
     ids = torch.unique(ids.long())  # sorted, no repeats
-    return VocabSubsetHead(_head_rows(head, ids), ids, vocab_size, source=head)
+    sub = VocabSubsetHead(_head_rows(head, ids), ids, vocab_size, source=head)
+    int8 = head.base if isinstance(head, Int4Linear) else head
+    if isinstance(int8, Int8Linear):
+        int8.release()  # the draft's full head: 137 MB of FBGEMM's prepacked copy that no forward reads
+    return sub
