@@ -407,11 +407,11 @@ class VocabSubsetHead:
     scored from the full head's own weights by the same kernel.
     """
 
-    def __init__(self, inner, ids: torch.Tensor, vocab_size: int, source=None) -> None:
+    def __init__(self, inner, ids: torch.Tensor, vocab_size: int, source) -> None:
         self.inner = inner  # a linear over the subset rows: [.., H] -> [.., len(ids)]
         self.ids = ids.long()
         self.out_features = vocab_size
-        self.source = source  # the full head, where admitted rows come from (None: nothing can be admitted)
+        self.source = source  # the full head, where admitted rows come from (not read by forwards)
         self.ranked = frozenset(self.ids.tolist())
         self.admitted: set[int] = set()  # tokens outside ``ids`` scored too (admit)
         self.extra_ids: torch.Tensor | None = None  # those tokens, sorted
@@ -420,7 +420,7 @@ class VocabSubsetHead:
     def admit(self, tokens) -> None:
         """Score ``tokens`` (ids) too from now until :meth:`clear`."""
         new = {t for t in tokens if t not in self.ranked and t not in self.admitted and 0 <= t < self.out_features}
-        if new and self.source is not None:
+        if new:
             self.admitted |= new
             self.extra_ids = torch.tensor(sorted(self.admitted), dtype=torch.long)
             self.extra = _head_rows(self.source, self.extra_ids)
@@ -453,7 +453,7 @@ def subset_head(head, ids: torch.Tensor, vocab_size: int) -> VocabSubsetHead:
     """Restrict an existing head (int4, int8 or dense) to the rows ``ids``, reusing its weights; the full head is
     kept (not read by forwards) for the rows of admitted tokens."""
     ids = torch.unique(ids.long())  # sorted, no repeats
-    sub = VocabSubsetHead(_head_rows(head, ids), ids, vocab_size, source=head)
+    sub = VocabSubsetHead(_head_rows(head, ids), ids, vocab_size, head)
     int8 = head.base if isinstance(head, Int4Linear) else head
     if isinstance(int8, Int8Linear):
         int8.release()  # the draft's full head: 137 MB of FBGEMM's prepacked copy that no forward reads
