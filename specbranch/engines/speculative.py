@@ -30,6 +30,7 @@ from ..verify import (
     select_branch_match,
     select_branch_sampled,
 )
+from .ar import next_token
 from .base import Engine
 from .lane import Lane
 
@@ -120,8 +121,8 @@ class Speculator:
         return out
 
     def next_token(self, logits: torch.Tensor) -> int:
-        """A token straight from the target (the bonus token): argmax at T = 0, else a sample of p."""
-        return greedy_token(logits) if self.rule == "A" else sample(self.probs(logits), self.rng)
+        """A token straight from the target (the bonus token): argmax at T = 0, else a sample of p, as ``ar`` takes it."""
+        return next_token(logits, self.sampling, self.rng)
 
     def _select(self, pos: Position, logits: torch.Tensor) -> BranchVerdict:
         if self.rule == "A":
