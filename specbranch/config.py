@@ -126,7 +126,7 @@ class GenerationConfig:
 
 
 GAMMA_DEFAULTS = {"sd": 6, "pearl": 7, "specbranch": 7}
-SD_BLOCKS = ("adaptive", "fixed")
+BLOCKS = ("adaptive", "fixed")
 
 
 @dataclass(frozen=True)
@@ -165,12 +165,13 @@ class SpeculationConfig:
         default="auto",
         choices=AFTER_ROLLBACK,
     )
-    sd_blocks: str = _help(
-        "sd: block length. adaptive: start at gamma, grow by 2 after a block the target accepts whole and shrink "
-        "by 1 after a rejection, between 1 and gamma (transformers' heuristic), so prompts where the draft agrees "
-        "less (chat prose) pay for shorter drafts; fixed: always gamma",
+    blocks: str = _help(
+        "sd, pearl, specbranch: block length. adaptive: start at the longest (sd gamma, pearl/specbranch gamma-1 "
+        "after the branch point), grow by 2 after a block the target accepts whole and shrink by 1 after a "
+        "rejection, down to 1 (transformers' heuristic), so prompts where the draft agrees less (chat prose) pay "
+        "for shorter drafts; fixed: always the longest (inline drafting is always fixed)",
         default="adaptive",
-        choices=SD_BLOCKS,
+        choices=BLOCKS,
     )
     hrad_predictor: str = _help(
         "H-RAD predictor file (.safetensors + .json) for auto/hrad/hybrid drafting (default: the one shipped "
@@ -189,8 +190,8 @@ class SpeculationConfig:
             raise ConfigError(f"tau must be in [0, 1) (got {self.tau}); use 0 to never cut blocks")
         if self.after_rollback not in AFTER_ROLLBACK:
             raise ConfigError(f"after_rollback must be one of {', '.join(AFTER_ROLLBACK)} (got {self.after_rollback!r})")
-        if self.sd_blocks not in SD_BLOCKS:
-            raise ConfigError(f"sd_blocks must be one of {', '.join(SD_BLOCKS)} (got {self.sd_blocks!r})")
+        if self.blocks not in BLOCKS:
+            raise ConfigError(f"blocks must be one of {', '.join(BLOCKS)} (got {self.blocks!r})")
         if self.draft_sampling not in DRAFT_SAMPLING:
             raise ConfigError(f"draft_sampling must be one of {', '.join(DRAFT_SAMPLING)} (got {self.draft_sampling!r})")
 
@@ -214,7 +215,7 @@ class SpeculationConfig:
 
 BENCH_ENGINES = (*ENGINES, "hf-assisted")
 HF_PRECISIONS = ("int8", "bf16", "fp32")
-ENGINE_OVERRIDES = {"gamma": int, "branches": int, "tau": float, "after_rollback": str, "sd_blocks": str}  # settable per bench entry with @key=value
+ENGINE_OVERRIDES = {"gamma": int, "branches": int, "tau": float, "after_rollback": str, "blocks": str}  # settable per bench entry with @key=value
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,21 @@ def top1_confidence(logits: torch.Tensor) -> torch.Tensor:
 DRAFTING = ("confidence", "fixed", "hrad", "hybrid", "inline")
 
 
+class BlockLength:
+    """How many tokens the next block drafts: ``top``, or with ``adaptive`` a length that grows by 2
+    after a block the target accepted whole and shrinks by 1 after a rejection, within [1, top]
+    (transformers' heuristic for assisted generation). Where the draft agrees less (chat prose) a long
+    block costs draft steps, and in the parallel engines target rows, that the next verdict throws away.
+    It is moved by past verdicts only, never by ``p``, so no engine's output can depend on it."""
+
+    def __init__(self, top: int, adaptive: bool) -> None:
+        self.top, self.adaptive, self.now = top, adaptive, top
+
+    def update(self, accepted_whole: bool) -> None:
+        if self.adaptive:
+            self.now = min(self.now + 2, self.top) if accepted_whole else max(self.now - 1, 1)
+
+
 def resolve_drafting(drafting: str, has_predictor: bool = False) -> str:
     """``auto`` -> ``hybrid`` (H-RAD + the confidence cut) where an H-RAD predictor exists for the
     pair, else the confidence cut alone (as DESIGN.md §2.3 and the H-RAD issue ask). Measured, the
@@ -57,6 +72,9 @@ class DraftPolicy:
     ``wait_after_rollback``: the round after a rollback (and the first one) does not pre-verify: the
     draft drafts one chain, and the target takes it whole as the pending block, unverified, to verify
     it with the next round's forward (see :meth:`~specbranch.engines.specbranch.TargetSide.adopt`).
+
+    ``adaptive``: blocks are at most ``gamma - 1`` tokens, and shorter after rollbacks (:class:`BlockLength`).
+    Not with ``inline``, whose hedged blocks go out whole.
     """
 
     gamma: int = 4
@@ -64,10 +82,13 @@ class DraftPolicy:
     tau: float = 0.4
     mode: str = "confidence"
     wait_after_rollback: bool = False
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in DRAFTING:
             raise ValueError(f"unknown drafting mode {self.mode!r}; choose one of {', '.join(DRAFTING)}")
+        if self.adaptive and self.mode == "inline":
+            raise ValueError("inline drafting submits whole blocks: it cannot adapt their length")
 
     def hedge(self, conf: float) -> bool:
         """Fork here, inside the block being drafted (``inline``: its top-1 probability is ``<= tau``)."""

@@ -261,9 +261,10 @@ def test_a_reduced_draft_proposes_the_tokens_of_its_context(greedy_pair):
     assert torch.isfinite(draft.forward(torch.tensor([[prompt[0]]])).logits[..., copied]).all()
 
 
-def test_adaptive_sd_blocks_shrink_for_a_poor_draft_and_keep_the_tokens(greedy_pair):
-    """sd_blocks="adaptive" (the default): an unrelated draft gets shorter blocks (fewer drafted tokens than fixed
-    blocks, the same tokens as ar); a perfect draft (the target itself) keeps gamma-long blocks throughout."""
+@pytest.mark.parametrize("name", SPECULATIVE)
+def test_adaptive_blocks_shrink_for_a_poor_draft_and_keep_the_tokens(greedy_pair, name):
+    """blocks="adaptive" (the default): an unrelated draft gets shorter blocks (fewer drafted tokens than fixed
+    blocks, the same tokens as ar); a perfect draft (the target itself) keeps full blocks throughout."""
     target_model, _ = greedy_pair
     stranger = make_tiny_hf("qwen2", seed=11, tie=True, vocab_size=64, dtype=torch.float64)
     prompt = [5, 9, 2, 33]
@@ -271,10 +272,10 @@ def test_adaptive_sd_blocks_shrink_for_a_poor_draft_and_keep_the_tokens(greedy_p
     drafted = {}
     for draft_model, label in ((stranger, "poor"), (target_model, "perfect")):
         for blocks in ("adaptive", "fixed"):
-            spec = SpeculationConfig(gamma=5, sd_blocks=blocks)
-            got = run(ENGINE_CLASSES["sd"](native(target_model), native(draft_model), spec), prompt, 40)
+            spec = SpeculationConfig(gamma=5, blocks=blocks, drafting="fixed")
+            got = run(ENGINE_CLASSES[name](native(target_model), native(draft_model), spec), prompt, 40)
             assert got.tokens == want
-            drafted[label, blocks] = got.metrics.num_draft_tokens
+            drafted[label, blocks] = got.metrics.drafted_tokens
     assert drafted["poor", "adaptive"] < drafted["poor", "fixed"]
     assert drafted["perfect", "adaptive"] == drafted["perfect", "fixed"]
 

@@ -3,9 +3,8 @@
 One round: the draft proposes γ tokens one by one, then the target scores them all in one
 forward and verification keeps the accepted prefix plus a correction (or a bonus token when all
 γ pass). The target waits for the draft and vice versa: that mutual waiting is what PEARL and
-SpecBranch remove. With ``sd_blocks="adaptive"`` (the default) γ moves between rounds, +2 after a block
-accepted whole and -1 after a rejection, within [1, gamma]: where the draft agrees less (chat prose) a
-long block costs draft steps the target then throws away.
+SpecBranch remove. With ``blocks="adaptive"`` (the default) γ moves between rounds
+(:class:`~specbranch.policy.BlockLength`).
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import torch
 
 from ..config import SamplingConfig
 from ..metrics import Metrics
+from ..policy import BlockLength
 from .speculative import Position, SpeculativeEngine
 
 
@@ -25,13 +25,13 @@ class SDEngine(SpeculativeEngine):
 
     def start(self, prompt: Sequence[int], sampling: SamplingConfig, rng: torch.Generator, metrics: Metrics) -> None:
         super().start(prompt, sampling, rng, metrics)
-        self.gamma = self.spec.gamma_for("sd")  # this round's block length (sd_blocks="adaptive" moves it)
+        self.length = BlockLength(self.spec.gamma_for("sd"), self.spec.blocks == "adaptive")
 
     def draft_round(self) -> list[Position]:
         """Draft worker: γ chain tokens after the committed text."""
         logits = self.draft.feed(self.committed)[0]  # [V]: q at the first new position
         block: list[Position] = []
-        gamma = self.gamma
+        gamma = self.length.now
         for i in range(gamma):
             block.append(self.speculator.candidates(logits, 1))
             if i + 1 < gamma:  # the last token is fed next round, if it survives
@@ -51,7 +51,5 @@ class SDEngine(SpeculativeEngine):
         self.metrics.record_verification(len(block), out.num_accepted, len(block), len(block) - out.num_accepted,
                                          len(out.tokens))
         self.committed += out.tokens
-        if self.spec.sd_blocks == "adaptive":  # a length chosen from past verdicts only: the output law is untouched
-            top = self.spec.gamma_for("sd")
-            self.gamma = min(self.gamma + 2, top) if out.num_accepted == len(block) else max(self.gamma - 1, 1)
+        self.length.update(out.num_accepted == len(block))
         return out.tokens

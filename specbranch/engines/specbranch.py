@@ -50,7 +50,7 @@ from ..config import SamplingConfig, SpeculationConfig
 from ..metrics import Metrics
 from ..hrad import HRADConfig, HRADPredictor, bucket
 from ..hrad import features as hrad_features
-from ..policy import DraftPolicy, resolve_drafting, top1_confidence
+from ..policy import BlockLength, DraftPolicy, resolve_drafting, top1_confidence
 from ..sampling import draft_generator
 from .base import Engine
 from .speculative import Position, Side
@@ -110,8 +110,11 @@ def draft_policy(engine: str, spec: SpeculationConfig) -> DraftPolicy:
     """The draft policy an engine name implies: PEARL never forks and never cuts."""
     wait = spec.waits_after_rollback(engine)
     if engine == "pearl":
-        return DraftPolicy(spec.gamma_for(engine), branches=1, tau=0.0, wait_after_rollback=wait)
-    return DraftPolicy(spec.gamma_for(engine), spec.branches, spec.tau, resolve_drafting(spec.drafting), wait)
+        return DraftPolicy(spec.gamma_for(engine), branches=1, tau=0.0, wait_after_rollback=wait,
+                           adaptive=spec.blocks == "adaptive")
+    mode = resolve_drafting(spec.drafting)
+    return DraftPolicy(spec.gamma_for(engine), spec.branches, spec.tau, mode, wait,
+                       adaptive=spec.blocks == "adaptive" and mode != "inline")
 
 
 class DraftSide(Side):
@@ -129,6 +132,7 @@ class DraftSide(Side):
         self.hedge_at: int | None = None  # the hedge's index in the pending block, once the block is pending
         self.force_branch = False  # the last verdict asked for k candidates at the next branch point
         self.adopting = self.policy.wait_after_rollback  # this round's block will be adopted whole: draft one chain
+        self.length = BlockLength(self.policy.max_block(), self.policy.adaptive)  # tokens after the next branch point
 
     def pending_tokens(self) -> list[int]:
         return self.committed + [pos.candidates[0] for pos in self.pending]
@@ -151,7 +155,7 @@ class DraftSide(Side):
         cuts: list[int | None] = [None] * k
         done = [False] * k
         # an adopted chain (the point and its block) is as long as a pending block: the next round verifies as many
-        last = max(policy.max_block() - 1, 0) if self.adopting else policy.max_block()
+        last = max(self.length.now - 1, 0) if self.adopting else self.length.now
         for step in range(last + 1):
             logits = lane.feed_rows(rows)  # [k, V]: q after each branch's last token
             conf = top1_confidence(logits).tolist()  # [k]
@@ -227,6 +231,8 @@ class DraftSide(Side):
         """Commit the verdict's tokens; keep the surviving branch (as the pending block) or roll back."""
         self.committed += verdict.tokens
         self.force_branch = verdict.force_branch
+        if not verdict.adopt:  # an adopt verdict decided nothing
+            self.length.update(verdict.branch is not None)
         self.adopting = verdict.branch is None and self.policy.wait_after_rollback
         if verdict.branch is None:  # the lane re-syncs to the correction next round
             self.pending, self.hedge, self.hedge_at = [], None, None
