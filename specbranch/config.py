@@ -215,7 +215,8 @@ class SpeculationConfig:
 
 BENCH_ENGINES = (*ENGINES, "hf-assisted")
 HF_PRECISIONS = ("int8", "bf16", "fp32")
-ENGINE_OVERRIDES = {"gamma": int, "branches": int, "tau": float, "after_rollback": str, "blocks": str}  # settable per bench entry with @key=value
+ENGINE_OVERRIDES = {"gamma": int, "branches": int, "tau": float, "after_rollback": str, "blocks": str,
+                    "hrad_predictor": str}  # settable per bench entry with @key=value (a predictor: a path without , or @)
 
 
 @dataclass(frozen=True)

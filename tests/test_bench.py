@@ -70,6 +70,9 @@ def test_bench_engine_entries_take_per_engine_overrides():
     waiting = BenchEngine.parse("pearl@after_rollback=wait").speculation(spec)
     assert waiting.waits_after_rollback("pearl") and not spec.waits_after_rollback("pearl")
     assert spec.waits_after_rollback("specbranch")
+    # two H-RAD predictors side by side in one run
+    other = BenchEngine.parse("specbranch:hybrid@hrad_predictor=/x/new-hrad").speculation(spec)
+    assert (other.hrad_predictor, other.drafting, spec.hrad_predictor) == ("/x/new-hrad", "hybrid", "")
     for bad, msg in [("pearl@gamma", "bad override"), ("pearl@speed=2", "bad override"),
                      ("pearl@gamma=x", "must be a number"), ("pearl@gamma=40", "gamma must be in"),
                      ("specbranch@tau=1.5", "tau must be in"), ("ar@gamma=3", "no speculation settings"),
