@@ -138,8 +138,9 @@ class SpeculationConfig:
                        "measured on the default pair (README, Performance)", default=0)
     branches: int = _help("specbranch: candidate tokens (k) forked at a branch point", default=3)
     tau: float = _help("specbranch: draft top-1 probability at or below which a block is cut and the "
-                       "position becomes a branch point (inline drafting: hedged where it lies; 0 = never)",
-                       default=0.4)
+                       "position becomes a branch point (inline drafting: hedged where it lies; 0 = never); "
+                       "0.2: on chat prose 0.4 forked k rows at most positions (README, Performance)",
+                       default=0.2)
     draft_sampling: str = _help(
         "at temperature > 0: 'sample' drafts from q (verified by rejection sampling), 'greedy' drafts "
         "argmax/top-k tokens (verified by match sampling)",
