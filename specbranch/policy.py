@@ -77,9 +77,9 @@ class DraftPolicy:
     Not with ``inline``, whose hedged blocks go out whole.
     """
 
-    gamma: int = 4
-    branches: int = 3
-    tau: float = 0.4
+    gamma: int  # no defaults here: SpeculationConfig holds them (engines.specbranch.draft_policy)
+    branches: int
+    tau: float
     mode: str = "confidence"
     wait_after_rollback: bool = False
     adaptive: bool = False

@@ -108,13 +108,12 @@ class Verdict:
 
 def draft_policy(engine: str, spec: SpeculationConfig) -> DraftPolicy:
     """The draft policy an engine name implies: PEARL never forks and never cuts."""
-    wait = spec.waits_after_rollback(engine)
+    wait, adaptive = spec.waits_after_rollback(engine), spec.blocks == "adaptive"
     if engine == "pearl":
-        return DraftPolicy(spec.gamma_for(engine), branches=1, tau=0.0, wait_after_rollback=wait,
-                           adaptive=spec.blocks == "adaptive")
+        return DraftPolicy(spec.gamma_for(engine), branches=1, tau=0.0, wait_after_rollback=wait, adaptive=adaptive)
     mode = resolve_drafting(spec.drafting)
     return DraftPolicy(spec.gamma_for(engine), spec.branches, spec.tau, mode, wait,
-                       adaptive=spec.blocks == "adaptive" and mode != "inline")
+                       adaptive=adaptive and mode != "inline")
 
 
 class DraftSide(Side):
@@ -264,11 +263,10 @@ class TargetSide(Side):
     decides the round (the only place where anything is decided)."""
 
     def __init__(
-        self, target: Backend, draft_sampling: str, policy: DraftPolicy | None = None,
-        predictor: HRADPredictor | None = None,
+        self, target: Backend, draft_sampling: str, policy: DraftPolicy, predictor: HRADPredictor | None = None,
     ) -> None:
         super().__init__(target, "target", draft_sampling)
-        self.policy = policy or DraftPolicy()
+        self.policy = policy
         if self.policy.uses_hrad and predictor is None:
             raise ValueError(f"drafting mode {self.policy.mode!r} needs an H-RAD predictor")
         self.predictor = predictor
