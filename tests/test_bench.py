@@ -110,7 +110,9 @@ def test_bench_on_the_tiny_pair(tiny_pair, tmp_path):
     assert aggs[("d", "ar")].speedup == pytest.approx(1.0)
     assert aggs[("d", "sd")].mismatches == 0 and aggs[("d", "sd")].mean_accepted_length >= 1.0
     md, plots = write_report(result, tmp_path / "out")
-    assert "| d | specbranch |" in md and "0/4" in md
+    assert "| d | specbranch |" in md and "0/4" in md and "| speedup vs ar | pooled |" in md
+    assert aggs[("d", "ar")].pooled_speedup == pytest.approx(1.0) and aggs[("d", "sd")].pooled_speedup > 0
+    assert all(a.prefill_s > 0 for a in aggs.values()) and "| prefill |" in md
     assert result.config["weight_bytes"]["draft"] > 0 and aggs[("d", "sd")].weight_gb_per_token > 0
     from specbranch.kernels import code_in_use, cpu_model
 
@@ -131,15 +133,20 @@ def test_weights_read_count_every_decode_forward_once():
     runs = [run("ar", 10, 5.0, target_forwards=11, draft_forwards=0, branch_forwards=0),
             # prefill + 3 verifications; draft prefill + 12 steps + 2 batched branch steps
             run("sd", 12, 6.0, target_forwards=4, draft_forwards=13, branch_forwards=2),
-            run("sd", 8, 4.0, target_forwards=3, draft_forwards=9, branch_forwards=0),
+            run("sd", 8, 2.0, target_forwards=3, draft_forwards=9, branch_forwards=0),
             run("hf-assisted", 10, 3.0)]
     result = BenchResult({"weight_bytes": {"target": 2e9, "draft": 1e8}}, {}, runs)
     aggs = {a.engine: a for a in aggregate(result)}
     assert aggs["ar"].weight_gb_per_token == pytest.approx(2.0) and aggs["ar"].weight_gb_per_s == pytest.approx(10.0)
     gb = (3 * 2 + 14 * 0.1) + (2 * 2 + 8 * 0.1)  # each model's prefill is not decoding
     assert aggs["sd"].weight_gb_per_token == pytest.approx(gb / 20)
-    assert aggs["sd"].weight_gb_per_s == pytest.approx(gb / (12 / 6.0 + 8 / 4.0))
+    assert aggs["sd"].weight_gb_per_s == pytest.approx(gb / (12 / 6.0 + 8 / 2.0))
+    # pooled: 20 tokens in 6 s of decoding against ar's 10 in 2 s (the median of per-prompt ratios 1.2 and 0.4: 0.8)
+    assert aggs["sd"].pooled_speedup == pytest.approx((20 / 6) / 5.0) and aggs["sd"].speedup == pytest.approx(0.8)
+    assert aggs["ar"].pooled_speedup == pytest.approx(1.0) and aggs["hf-assisted"].pooled_speedup == pytest.approx(0.6)
     assert aggs["hf-assisted"].weight_gb_per_token is None  # its own weights: not counted
+    assert aggs["sd"].prefill_s is None  # runs without the key (results.json from older code)
+    assert aggregate(BenchResult({}, {}, [run("hf-assisted", 10, 3.0, prefill_time_s=0.0)]))[0].prefill_s is None
     older = BenchResult({}, {}, runs)  # results.json from before the sizes were recorded
     assert all(a.weight_gb_per_token is None for a in aggregate(older))
 

@@ -25,6 +25,8 @@ class Aggregate:
     runs: int
     tokens_per_s: float  # median
     speedup: float  # median of per-prompt ratios to ar
+    pooled_speedup: float  # the dataset's decode rate (all its tokens over all its decode time) over ar's
+    prefill_s: float | None  # median seconds of the engine's start: the prompt through the target (and the draft)
     mean_accepted_length: float
     acceptance_rate: float
     rollback_rate: float
@@ -76,6 +78,13 @@ def _weight_rates(runs: list[Run], sizes: dict) -> tuple[float | None, float | N
     return (sum(read) / 1e9 / tokens if tokens else None), (sum(read) / 1e9 / seconds if seconds else None)
 
 
+def _decode_rate(runs: list[Run]) -> float:
+    """Tokens per second of decoding, pooled: a long generation weighs by its tokens, so a phase of the shared
+    memory bus that slowed one prompt moves it less than it moves a median of per-prompt ratios."""
+    seconds = sum(r.metrics["new_tokens"] / r.tokens_per_s for r in runs if r.tokens_per_s)
+    return sum(r.metrics["new_tokens"] for r in runs if r.tokens_per_s) / seconds if seconds else float("nan")
+
+
 def aggregate(result: BenchResult) -> list[Aggregate]:
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     ar: dict[tuple[str, str, int], float] = {}
@@ -99,6 +108,10 @@ def aggregate(result: BenchResult) -> list[Aggregate]:
             runs=len(runs),
             tokens_per_s=statistics.median(r.tokens_per_s for r in runs),
             speedup=statistics.median(ratios) if ratios else float("nan"),
+            pooled_speedup=_decode_rate(runs) / _decode_rate(groups[(dataset, "ar")]) if (dataset, "ar") in groups
+            else float("nan"),
+            prefill_s=statistics.median(r.metrics["prefill_time_s"] for r in runs)
+            if native and all("prefill_time_s" in r.metrics for r in runs) else None,  # hf-assisted: not split
             mean_accepted_length=sum(r.metrics["new_tokens"] for r in runs) / forwards if native and forwards else float("nan"),
             acceptance_rate=_pooled(runs, "num_accepted_tokens", "num_draft_tokens"),
             rollback_rate=_pooled(runs, "rollback_tokens", "drafted_tokens"),
@@ -136,14 +149,15 @@ def markdown(result: BenchResult, aggs: list[Aggregate]) -> str:
         f"torch {env['torch']}, {env['cpu_count']} CPUs ({env.get('processor', '?')}; kernels: "
         f"{env.get('int8_kernel', '?')}), commit {env['git_commit']}, {env['time']}.",
         "",
-        "| dataset | engine | tok/s (median) | speedup vs ar | mean accepted length | acceptance | rollback "
+        "| dataset | engine | tok/s (median) | speedup vs ar | pooled | prefill | mean accepted length | acceptance | rollback "
         "| branch hits | target idle | draft idle | weights read per token | weight read rate | mismatches vs ar "
         "| pass@1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in aggs:
         lines.append(
-            f"| {a.dataset} | {a.engine} | {_fmt(a.tokens_per_s)} | {_fmt(a.speedup)}× | {_fmt(a.mean_accepted_length)} "
+            f"| {a.dataset} | {a.engine} | {_fmt(a.tokens_per_s)} | {_fmt(a.speedup)}× | {_fmt(a.pooled_speedup)}× "
+            f"| {_fmt(a.prefill_s, unit=' s')} | {_fmt(a.mean_accepted_length)} "
             f"| {_fmt(a.acceptance_rate, True) if a.engine not in ('ar', 'hf-assisted') else '–'} "
             f"| {_fmt(a.rollback_rate, True) if a.engine not in ('ar', 'hf-assisted') else '–'} "
             f"| {_fmt(a.branch_hit_rate, True)} | {_fmt(a.target_idle, True)} | {_fmt(a.draft_idle, True)} "
@@ -151,8 +165,10 @@ def markdown(result: BenchResult, aggs: list[Aggregate]) -> str:
             f"| {_fmt(a.weight_gb_per_s, unit=' GB/s', digits=1)} "
             f"| {'–' if a.mismatches is None else f'{a.mismatches}/{a.runs}'} | {_fmt(a.pass_at_1, True)} |"
         )
-    lines += ["", "Speedup: median over prompts of engine tok/s ÷ ar tok/s on the same prompt in this run. "
-              "Rates are pooled over the dataset's runs. Weights read: the bytes of weights every decode forward "
+    lines += ["", "Speedup: median over prompts of engine tok/s ÷ ar tok/s on the same prompt in this run; pooled: "
+              "the engine's decode rate over all the dataset's prompts (tokens ÷ decode seconds, prefill excluded "
+              "as in tok/s) ÷ ar's. Prefill: median seconds of the engine's start, the prompt through the target "
+              "and, in one process, through the draft (the parallel runtime's draft worker prefills beside it). Rates are pooled over the dataset's runs. Weights read: the bytes of weights every decode forward "
               "streams (one read per forward, whatever its rows), per committed token and per second of decoding; "
               "where streaming weights is the limit (a CPU) the first decides the order of the engines. "
               "hf-assisted is transformers' generate with its own "
