@@ -109,7 +109,8 @@ def test_a_new_helper_ignores_a_dead_owners_job():
     try:
         with open(path, "r+b") as f:
             m = mmap.mmap(f.fileno(), 16)
-            m[:8] = struct.pack("<Q", (1 << 63) | (5 << 48) | (100 << 24) | 3)  # LEND, job 5, items 3..99 unclaimed
+            # LEND, job 5, chunks 3..49 (the owner's half) and 50..99 (the helper's) unclaimed
+            m[:8] = struct.pack("<Q", (1 << 63) | (5 << 48) | (100 << 36) | (50 << 24) | (50 << 12) | 3)
             lender = CoreLender((available_cores()[-1],), str(path))
             try:
                 assert struct.unpack("<Q", m[:8])[0] == 0
