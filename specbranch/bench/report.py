@@ -73,15 +73,19 @@ def _weight_rates(runs: list[Run], sizes: dict) -> tuple[float | None, float | N
     read = [_weight_bytes(r, sizes) for r in runs]
     if any(b is None for b in read):
         return None, None
-    tokens = sum(r.metrics["new_tokens"] for r in runs)
-    seconds = sum(r.metrics["new_tokens"] / r.tokens_per_s for r in runs if r.tokens_per_s)
+    tokens, seconds = sum(r.metrics["new_tokens"] for r in runs), _decode_seconds(runs)
     return (sum(read) / 1e9 / tokens if tokens else None), (sum(read) / 1e9 / seconds if seconds else None)
+
+
+def _decode_seconds(runs: list[Run]) -> float:
+    """Seconds of decoding (prefill excluded, as in tok/s), summed over ``runs``."""
+    return sum(r.metrics["new_tokens"] / r.tokens_per_s for r in runs if r.tokens_per_s)
 
 
 def _decode_rate(runs: list[Run]) -> float:
     """Tokens per second of decoding, pooled: a long generation weighs by its tokens, so a phase of the shared
     memory bus that slowed one prompt moves it less than it moves a median of per-prompt ratios."""
-    seconds = sum(r.metrics["new_tokens"] / r.tokens_per_s for r in runs if r.tokens_per_s)
+    seconds = _decode_seconds(runs)
     return sum(r.metrics["new_tokens"] for r in runs if r.tokens_per_s) / seconds if seconds else float("nan")
 
 
@@ -92,6 +96,7 @@ def aggregate(result: BenchResult) -> list[Aggregate]:
         groups[(r.dataset, r.engine)].append(r)
         if r.engine == "ar":
             ar[(r.dataset, r.prompt_id, r.repeat)] = r.tokens_per_s
+    ar_rate = {dataset: _decode_rate(runs) for (dataset, engine), runs in groups.items() if engine == "ar"}
     out = []
     for (dataset, engine), runs in groups.items():
         native = engine != "hf-assisted"
@@ -108,8 +113,7 @@ def aggregate(result: BenchResult) -> list[Aggregate]:
             runs=len(runs),
             tokens_per_s=statistics.median(r.tokens_per_s for r in runs),
             speedup=statistics.median(ratios) if ratios else float("nan"),
-            pooled_speedup=_decode_rate(runs) / _decode_rate(groups[(dataset, "ar")]) if (dataset, "ar") in groups
-            else float("nan"),
+            pooled_speedup=_decode_rate(runs) / ar_rate[dataset] if dataset in ar_rate else float("nan"),
             prefill_s=statistics.median(r.metrics["prefill_time_s"] for r in runs)
             if native and all("prefill_time_s" in r.metrics for r in runs) else None,  # hf-assisted: not split
             mean_accepted_length=sum(r.metrics["new_tokens"] for r in runs) / forwards if native and forwards else float("nan"),
@@ -168,7 +172,8 @@ def markdown(result: BenchResult, aggs: list[Aggregate]) -> str:
     lines += ["", "Speedup: median over prompts of engine tok/s ÷ ar tok/s on the same prompt in this run; pooled: "
               "the engine's decode rate over all the dataset's prompts (tokens ÷ decode seconds, prefill excluded "
               "as in tok/s) ÷ ar's. Prefill: median seconds of the engine's start, the prompt through the target "
-              "and, in one process, through the draft (the parallel runtime's draft worker prefills beside it). Rates are pooled over the dataset's runs. Weights read: the bytes of weights every decode forward "
+              "and, in one process, through the draft (the parallel runtime's draft worker prefills beside it). "
+              "Rates are pooled over the dataset's runs. Weights read: the bytes of weights every decode forward "
               "streams (one read per forward, whatever its rows), per committed token and per second of decoding; "
               "where streaming weights is the limit (a CPU) the first decides the order of the engines. "
               "hf-assisted is transformers' generate with its own "
