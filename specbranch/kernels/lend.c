@@ -23,10 +23,11 @@
  * Why each thread keeps to its own run of the weights: a job's items are split into chunks, and a chunk handed to
  * whichever thread asks next (one shared counter) breaks each thread's stream of memory at every chunk. Measured
  * with two OpenMP threads on the target's 7-row forward: 46.8 ms with a static split, 58.1 ms with 4-block chunks
- * (about the kernels' 64 KB lending chunks) handed out as asked for (docs/performance.md, Stop 31). So a job offered while the core is lent
- * is split in two halves, the owner walking the first from its front and the helper the second from its front;
- * whoever finishes first takes chunks from the far end of the other's half, one at a time. A job published while
- * the core is not lent is all the owner's half; a helper that comes later takes chunks from its far end.
+ * (about the kernels' 64 KB lending chunks) handed out as asked for (docs/performance.md, Stop 31). So a job
+ * offered while the core is lent is split in two halves, the owner walking the first from its front and the
+ * helper the second from its front; whoever finishes first takes chunks from the far end of the other's half, one
+ * at a time. A job published while the core is not lent is all the owner's half; a helper that comes later takes
+ * chunks from its far end.
  *
  * Shared page (a file both processes map): word 0 (u64) = LEND (bit 63) | job id (bits 48-62) | four 12-bit chunk
  * indices: a (0-11) and m (12-23), the owner's half [a, m); b (24-35) and e (36-47), the helper's half [b, e); then
