@@ -75,6 +75,10 @@ class DraftPolicy:
 
     ``adaptive``: blocks are at most ``gamma - 1`` tokens, and shorter after rollbacks (:class:`BlockLength`).
     Not with ``inline``, whose hedged blocks go out whole.
+
+    ``rest`` (never, short, always): when the draft drafts nothing past the pending block and sits out its
+    verification; the target takes the token after the block (sd's bonus or a correction) and adopts the
+    draft's next chain, as after a rollback (:meth:`rests`).
     """
 
     gamma: int  # no defaults here: SpeculationConfig holds them (engines.specbranch.draft_policy)
@@ -83,12 +87,15 @@ class DraftPolicy:
     mode: str = "confidence"
     wait_after_rollback: bool = False
     adaptive: bool = False
+    rest: str = "never"
 
     def __post_init__(self) -> None:
         if self.mode not in DRAFTING:
             raise ValueError(f"unknown drafting mode {self.mode!r}; choose one of {', '.join(DRAFTING)}")
         if self.adaptive and self.mode == "inline":
             raise ValueError("inline drafting submits whole blocks: it cannot adapt their length")
+        if self.rest not in ("never", "short", "always") or (self.rest == "always" and self.mode == "inline"):
+            raise ValueError(f"rest {self.rest!r} does not fit drafting {self.mode!r}")
 
     def hedge(self, conf: float) -> bool:
         """Fork here, inside the block being drafted (``inline``: its top-1 probability is ``<= tau``)."""
@@ -104,6 +111,17 @@ class DraftPolicy:
     def cut(self, conf: float) -> bool:
         """Stop drafting a branch here (only the confidence mode stops while drafting)."""
         return self.mode == "confidence" and conf <= self.tau
+
+    def rests(self, length: int) -> bool:
+        """Propose nothing past the pending block this round (the next block would be ``length`` tokens):
+        always, never, or (short) while blocks are shorter than their longest, i.e. after rollbacks.
+
+        Why: where most rounds roll back (chat prose), what the draft drafts past the pending block is
+        mostly thrown away, and on a machine whose two workers share the cores and the memory bus those
+        steps slow the verification beside them. Resting, the draft lends its core to the verification
+        instead, and drafts the next block while the target waits (lending the target's core): SD's
+        rhythm, in the parallel runtime. Fixed blocks are never short."""
+        return self.rest == "always" or (self.rest == "short" and length < self.max_block())
 
     def max_block(self) -> int:
         return self.gamma - 1

@@ -16,6 +16,7 @@ from specbranch.config import GenerationConfig, SamplingConfig, SpeculationConfi
 from specbranch.engines import ENGINE_CLASSES, AREngine, generate
 from specbranch.engines import speculative
 from specbranch.engines.specbranch import SpecBranchEngine
+from specbranch.errors import ConfigError
 from specbranch.policy import DraftPolicy
 from specbranch.models.decoder import Decoder, DecoderConfig
 from specbranch.models.linear import subset_head
@@ -452,3 +453,75 @@ def test_inline_hedges_stop_anywhere(greedy_pair):
     for n in (1, 2, 3, 5, 8, 13):
         assert run(engine, [4, 5], n).tokens == full[:n]
     assert seen["hedged"] > 3
+
+
+def resting_spy(engine) -> Counter:
+    """Count ``rests`` (rounds the draft proposed nothing in) and the ``adopted`` chains that followed
+    one; check every resting proposal carries no branch point."""
+    side, settle, adopt, seen = engine.target_side, engine.target_side.settle, engine.target_side.adopt, Counter()
+    last = []
+
+    def spy_settle(proposal, logits):
+        if proposal.rests:
+            assert not proposal.candidates and not proposal.blocks and side.pending, proposal
+            seen["rests"] += 1
+        last[:] = [proposal.rests]
+        return settle(proposal, logits)
+
+    def spy_adopt(proposal):
+        seen["adopted"] += bool(last and last[0])
+        return adopt(proposal)
+
+    side.settle, side.adopt = spy_settle, spy_adopt
+    return seen
+
+
+@pytest.mark.parametrize("gamma,branches,tau,rest", [(4, 3, 0.0, "always"), (3, 3, 0.15, "always"),
+                                                     (5, 2, 0.2, "short"), (7, 3, 0.1, "short")])
+def test_a_resting_draft_equals_ar(greedy_pair, gamma, branches, tau, rest):
+    """``rest``: in the rounds it rests in, the draft proposes nothing past the pending block, the target
+    takes the token after it, and the draft's next chain is adopted (sd's rhythm). Same tokens as ar, and
+    as many forwards as sd where every round rests."""
+    target_model, draft_model = greedy_pair
+    spec = SpeculationConfig(gamma=gamma, branches=branches, tau=tau, rest=rest)
+    engine = ENGINE_CLASSES["specbranch"](native(target_model), native(draft_model), spec)
+    seen = resting_spy(engine)
+    sd = ENGINE_CLASSES["sd"](native(target_model), native(draft_model), SpeculationConfig(gamma=gamma - 1))
+    ar = AREngine(native(target_model))
+    for seed, length in itertools.product(range(3), (1, 2, 9)):
+        prompt = torch.randint(0, 64, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+        got = run(engine, prompt, 40)
+        assert got.tokens == run(ar, prompt, 40).tokens, (seed, length)
+        assert 0 <= got.metrics.rollback_rate <= 1
+        if rest == "always" and tau == 0:  # the first chain is adopted, then every round rests, and no
+            # confidence cut shortens a chain: sd's rounds, one by one
+            want = run(sd, prompt, 40).metrics
+            m = got.metrics
+            assert (m.draft_forwards, m.branch_forwards, m.target_forwards) == (
+                want.draft_forwards, 0, want.target_forwards), (seed, length)
+    # rests happened, and every one that did not end the generation was followed by an adopted chain
+    assert seen["rests"] > 3 and seen["rests"] - 9 <= seen["adopted"] <= seen["rests"], seen
+
+
+def test_a_resting_draft_keeps_the_output_law(sampling_pair):
+    """Resting changes the rounds' rhythm; its verification is sd's (rule C here, sampled drafts)."""
+    target_model, draft_model = sampling_pair
+    spec = SpeculationConfig(gamma=2, branches=3, tau=0.99, rest="always")
+    engine = ENGINE_CLASSES["specbranch"](native(target_model), native(draft_model), spec)
+    seen = resting_spy(engine)
+    sampling = SamplingConfig(temperature=1.0)
+    counts = sample_engine(engine, [1, 3], sampling, DRAWS)
+    assert seen["rests"] > DRAWS // 2 and seen["adopted"] > 0, seen
+    assert_matches(counts, target_law(target_model, [1, 3], sampling), DRAWS)
+
+def test_rest_is_checked():
+    from specbranch.engines.specbranch import draft_policy
+
+    with pytest.raises(ConfigError, match="rest must be one of short, always, never"):
+        SpeculationConfig(rest="sometimes")
+    with pytest.raises(ConfigError, match="cannot always rest"):
+        SpeculationConfig(rest="always", drafting="inline")
+    policy = draft_policy("specbranch", SpeculationConfig(gamma=5))  # rest short: blocks shorter than 4 rest
+    assert [policy.rests(n) for n in (1, 3, 4)] == [True, True, False]
+    assert not draft_policy("specbranch", SpeculationConfig(gamma=5, blocks="fixed")).rests(4)
+    assert not draft_policy("pearl", SpeculationConfig(rest="always")).rests(1)  # PEARL's rhythm stays PEARL's

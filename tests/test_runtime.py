@@ -56,7 +56,8 @@ def gone(pid: int) -> bool:
 PROMPTS = [[1, 2, 3], [7], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
 SPECS = [SpeculationConfig(gamma=4, branches=3, tau=0.12), SpeculationConfig(gamma=2, branches=2, tau=0.3),
          SpeculationConfig(gamma=5, branches=1, tau=0.0, after_rollback="wait"),  # pearl waits too
-         SpeculationConfig(gamma=3, branches=3, tau=0.2, after_rollback="preverify")]  # specbranch pre-verifies
+         SpeculationConfig(gamma=3, branches=3, tau=0.2, after_rollback="preverify"),  # specbranch pre-verifies
+         SpeculationConfig(gamma=4, branches=3, tau=0.12, rest="always")]  # the draft rests every round it can
 
 
 def gen(pipe, prompt, n, engine, spec=None, sampling=None, **kw):
@@ -94,13 +95,14 @@ def test_parallel_equals_sequential_at_temperature_zero(sequential, parallel):
 @pytest.mark.parametrize("draft_sampling", ["sample", "greedy"])  # rules C and B
 def test_parallel_equals_sequential_seed_for_seed(sequential, parallel, draft_sampling):
     spec = SpeculationConfig(gamma=3, branches=3, tau=0.3, draft_sampling=draft_sampling)
+    resting = SpeculationConfig(gamma=3, branches=3, tau=0.3, draft_sampling=draft_sampling, rest="always")
     outputs = set()
     for seed in range(6):
         sampling = SamplingConfig(temperature=1.0, top_p=0.95, seed=seed)
-        for engine in ("pearl", "specbranch"):
-            seq = gen(sequential, [5, 6, 7], 24, engine, spec, sampling)
-            par = gen(parallel, [5, 6, 7], 24, engine, spec, sampling)
-            assert par.tokens == seq.tokens, (seed, engine)
+        for engine, s in (("pearl", spec), ("specbranch", spec), ("specbranch", resting)):
+            seq = gen(sequential, [5, 6, 7], 24, engine, s, sampling)
+            par = gen(parallel, [5, 6, 7], 24, engine, s, sampling)
+            assert par.tokens == seq.tokens, (seed, engine, s.rest)
             assert par.metrics.num_accepted_tokens == seq.metrics.num_accepted_tokens
         outputs.add(tuple(seq.tokens))
     assert len(outputs) > 3  # the seeds really drive the sampling
@@ -179,7 +181,8 @@ def test_proposals_survive_the_wire():
     cases = [Proposal([4], [[5, 6, 7]], None, [3]),
              Proposal([4, 9, 2], [[5], [], [8, 8]], None, [1, 0, 1]),
              Proposal([4], [[5, 6, 7]], None, [3], hedge=[1, 6, 11, 12]),
-             Proposal([4], [[5, 6]], None, [2], alternatives=[[1, 2, 3], []])]
+             Proposal([4], [[5, 6]], None, [2], alternatives=[[1, 2, 3], []]),
+             Proposal([], [], None, [], rests=True)]
     for p in cases:
         msg = encode_proposal(p, Counters(1, 2, 0.5, 0.25))
         got, counters = decode_proposal(msg)

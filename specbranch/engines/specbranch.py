@@ -86,6 +86,7 @@ class Proposal:
     # candidate b of the hedge inside the *pending* block (they become the pending block if b wins)
     hedge: list[int] | None = None
     alternatives: list[list[int]] | None = None
+    rests: bool = False  # the draft rests: no branch point (no candidates, no blocks); the target takes the next token
 
     def size(self, b: int) -> int:
         return 1 + len(self.blocks[b])
@@ -107,13 +108,13 @@ class Verdict:
 
 
 def draft_policy(engine: str, spec: SpeculationConfig) -> DraftPolicy:
-    """The draft policy an engine name implies: PEARL never forks and never cuts."""
+    """The draft policy an engine name implies: PEARL never forks, never cuts and never rests."""
     wait, adaptive = spec.waits_after_rollback(engine), spec.blocks == "adaptive"
     if engine == "pearl":
         return DraftPolicy(spec.gamma_for(engine), branches=1, tau=0.0, wait_after_rollback=wait, adaptive=adaptive)
     mode = resolve_drafting(spec.drafting)
     return DraftPolicy(spec.gamma_for(engine), spec.branches, spec.tau, mode, wait,
-                       adaptive=adaptive and mode != "inline")
+                       adaptive=adaptive and mode != "inline", rest=spec.rest)
 
 
 class DraftSide(Side):
@@ -131,6 +132,7 @@ class DraftSide(Side):
         self.hedge_at: int | None = None  # the hedge's index in the pending block, once the block is pending
         self.force_branch = False  # the last verdict asked for k candidates at the next branch point
         self.adopting = self.policy.wait_after_rollback  # this round's block will be adopted whole: draft one chain
+        self.rested = False  # the last proposal was the branch point alone (DraftPolicy.rests)
         self.length = BlockLength(self.policy.max_block(), self.policy.adaptive)  # tokens after the next branch point
 
     def pending_tokens(self) -> list[int]:
@@ -143,6 +145,9 @@ class DraftSide(Side):
         if self.hedge_at is not None:
             return self._extend_hedge()
         lane, spec, policy = self.lane, self.speculator, self.policy
+        if self.pending and not self.adopting and policy.rests(self.length.now):
+            self.rested = True  # nothing to draft: the target verifies the pending block and takes the token after it
+            return Proposal([], [], self._q(None), rests=True)
         logits = lane.feed(self.pending_tokens())[0]  # [V]: q at the branch point
         k = 1 if self.adopting else policy.candidates(float(top1_confidence(logits)), self.force_branch)
         point = spec.candidates(logits, k)
@@ -155,7 +160,10 @@ class DraftSide(Side):
         done = [False] * k
         # an adopted chain (the point and its block) is as long as a pending block: the next round verifies as many
         last = max(self.length.now - 1, 0) if self.adopting else self.length.now
-        for step in range(last + 1):
+        # a chain the next round rests on is verified with the target's own token after it, as in sd: its last
+        # token is never fed, so the draft needs no q there
+        feeds = last if self.adopting and policy.rests(self.length.now) else last + 1
+        for step in range(feeds):
             logits = lane.feed_rows(rows)  # [k, V]: q after each branch's last token
             conf = top1_confidence(logits).tolist()  # [k]
             for b in range(k):
@@ -220,26 +228,32 @@ class DraftSide(Side):
         """Where the hedge lies in ``block``: the block ends with the hedge and its row 0's tokens."""
         return len(block) - 1 - len(self.hedge.blocks[0])
 
-    def _q(self, point: Position) -> torch.Tensor | None:
-        """Rule C: the draft distributions at the pending positions and the branch point ``[n+1, V]``."""
+    def _q(self, point: Position | None) -> torch.Tensor | None:
+        """Rule C: the draft distributions at the pending positions and the branch point ``[n+1, V]`` (resting,
+        with no branch point: ``[n, V]``)."""
         if self.speculator.rule != "C":
             return None
-        return torch.stack([pos.q for pos in self.pending] + [point.q])
+        return torch.stack([pos.q for pos in self.pending] + ([] if point is None else [point.q]))
 
     def apply(self, verdict: Verdict) -> None:
         """Commit the verdict's tokens; keep the surviving branch (as the pending block) or roll back."""
         self.committed += verdict.tokens
         self.force_branch = verdict.force_branch
-        if not verdict.adopt:  # an adopt verdict decided nothing
+        rested, self.rested = self.rested, False
+        if rested:  # the pending block was verified, then the target's own token: whole iff that token follows it
+            self.length.update(len(verdict.tokens) > len(self.pending))
+        elif not verdict.adopt:  # an adopt verdict decided nothing
             self.length.update(verdict.branch is not None)
-        self.adopting = verdict.branch is None and self.policy.wait_after_rollback
+        # after a rest the draft's next chain is adopted whatever the verdict, as after a rollback
+        self.adopting = rested or (verdict.branch is None and self.policy.wait_after_rollback)
         if verdict.branch is None:  # the lane re-syncs to the correction next round
             self.pending, self.hedge, self.hedge_at = [], None, None
             return
         if verdict.adopt:  # the point and the kept block are pending, unverified (one unforked chain)
             br = self.branches
             self.pending = [br.point, *br.blocks[0][: verdict.keep]]
-            self.lane.select(0, keep=1 + verdict.keep, last_logits=br.ends[0][verdict.keep])
+            ends = br.ends[0]  # shorter by one when the chain's last token was not fed (the next round rests)
+            self.lane.select(0, keep=1 + verdict.keep, last_logits=ends[verdict.keep] if verdict.keep < len(ends) else None)
             return
         b, hedge = verdict.branch, self.hedge
         if self.hedge_at is not None:  # the pending block's hedge is settled: row b survives
@@ -314,6 +328,8 @@ class TargetSide(Side):
     def settle(self, proposal: Proposal, logits: torch.Tensor) -> Verdict:
         """Verify the pending block (with its inline hedge, if any) and the branch point against
         ``logits [n+1, V]``."""
+        if proposal.rests:
+            return self._settle_rest(proposal, logits)
         n = len(self.pending)
         q = None if proposal.q is None else proposal.q.to(logits.device)  # [n+1, V] under rule C
         if (q is None) != (self.speculator.rule != "C") or (q is not None and q.shape[0] != n + 1):
@@ -370,6 +386,26 @@ class TargetSide(Side):
                                    "that hedges must submit whole blocks")
             self.hedge = (proposal.hedge[0], proposal.hedge[1:])
         return Verdict(out.tokens, kept, keep, cls == 0)
+
+    def _settle_rest(self, proposal: Proposal, logits: torch.Tensor) -> Verdict:
+        """The draft rested (:meth:`DraftPolicy.rests`): verify the pending block against ``logits [n+1, V]``
+        and take the token after it from the target, a correction or sd's bonus token. Either way the draft's
+        next chain is adopted (the verdict is a rollback's: no branch survives)."""
+        n, q = len(self.pending), proposal.q
+        if proposal.candidates or proposal.blocks or proposal.hedge or not n or self.hedge is not None:
+            raise ValueError(f"a resting proposal has no branch point and needs a plain pending block; got "
+                             f"candidates {proposal.candidates} with {n} pending tokens")
+        if (q is None) != (self.speculator.rule != "C") or (q is not None and q.shape[0] != n):
+            raise ValueError(f"resting proposal q rows {None if q is None else tuple(q.shape)} do not fit rule "
+                             f"{self.speculator.rule} with {n} pending tokens")
+        q = None if q is None else q.to(logits.device)  # [n, V]
+        out = self.speculator.verify([Position([tok], None if q is None else q[i]) for i, tok in enumerate(self.pending)],
+                                     logits, bonus=True)
+        self.metrics.record_verification(n, out.num_accepted, 0, n - out.num_accepted, len(out.tokens))
+        self.committed += out.tokens
+        self._trace(n, out.num_accepted)
+        self.pending, self.adopting = [], True
+        return Verdict(out.tokens, None)
 
     def _trace(self, n: int, accepted: int) -> None:
         """Label last round's features with how many of this round's pending tokens passed (only

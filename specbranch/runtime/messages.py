@@ -227,12 +227,12 @@ def decode_start(msg: Message) -> StartRequest:
 def encode_proposal(p: Proposal, counters: Counters) -> Message:
     # ints: [k, candidates (k), block lengths (k), confidence cuts (k), block tokens (sum of lengths),
     #        len(hedge), hedge ([index, candidates] or none), a = number of alternatives,
-    #        alternative lengths (a), alternative tokens]
+    #        alternative lengths (a), alternative tokens, rests]
     k = len(p.candidates)
     hedge, alts = p.hedge or [], p.alternatives or []
     ints = [k, *p.candidates, *(len(b) for b in p.blocks), *(p.cut(b) for b in range(k)),
             *(t for b in p.blocks for t in b), len(hedge), *hedge, len(alts), *(len(a) for a in alts),
-            *(t for a in alts for t in a)]
+            *(t for a in alts for t in a), int(p.rests)]
     return Message(Kind.PROPOSAL, ints, q=p.q, extra=counters.extra())
 
 
@@ -254,9 +254,10 @@ def decode_proposal(msg: Message) -> tuple[Proposal, Counters]:
     blocks = split(lengths)
     hedge = take(take(1)[0]) or None
     alternatives = split(take(take(1)[0])) or None
-    if at != len(ints):
+    rests = take(1)[0]
+    if at != len(ints) or rests not in (0, 1):
         raise ChannelError(f"protocol error: malformed proposal {ints}")
-    return Proposal(candidates, blocks, msg.q, cuts, hedge, alternatives), Counters.from_extra(msg.extra)
+    return Proposal(candidates, blocks, msg.q, cuts, hedge, alternatives, bool(rests)), Counters.from_extra(msg.extra)
 
 
 def encode_verdict(v: Verdict) -> Message:
