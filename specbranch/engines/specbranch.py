@@ -107,6 +107,12 @@ class Verdict:
     adopt: bool = False  # nothing verified: the proposal's point and ``keep`` block tokens become the pending block
 
 
+def adopted_keep(policy: DraftPolicy, proposal: Proposal) -> int:
+    """How many block tokens of an adopted chain stay pending (the policy's cut, as after a verification).
+    A function of the proposal and the policy only: both sides compute it, so no message has to say it."""
+    return policy.keep(len(proposal.blocks[0]), proposal.cut(0), None)
+
+
 def draft_policy(engine: str, spec: SpeculationConfig) -> DraftPolicy:
     """The draft policy an engine name implies: PEARL never forks, never cuts and never rests."""
     wait, adaptive = spec.waits_after_rollback(engine), spec.blocks == "adaptive"
@@ -197,6 +203,17 @@ class DraftSide(Side):
             hedge = [self._hedge_index(blocks[0]), *self.hedge.point.candidates]
         return Proposal(list(point.candidates), [[pos.candidates[0] for pos in blk] for blk in blocks], self._q(point),
                         [len(blk) if c is None else min(c, len(blk)) for blk, c in zip(blocks, cuts)], hedge)
+
+    def adopt(self, proposal: Proposal) -> Verdict:
+        """Apply the target's adoption of ``proposal``, the chain this side just drafted while ``adopting``
+        (:meth:`TargetSide.adopt`), without waiting to be told: adopting decides nothing, and its verdict
+        follows from the proposal and the policy alone. The parallel runtime's draft so drafts on at once
+        (or rests, lending its core from the start of the verification) instead of waiting a message."""
+        if not self.adopting:
+            raise RuntimeError("adopt() after a proposal that was not drafted for adoption")
+        verdict = Verdict([], 0, adopted_keep(self.policy, proposal), adopt=True)
+        self.apply(verdict)
+        return verdict
 
     def _extend_hedge(self) -> Proposal:
         """A round while the pending block holds an inline hedge: every hedge row drafts on. Row 0
@@ -314,8 +331,7 @@ class TargetSide(Side):
         if len(proposal.candidates) != 1 or proposal.hedge or proposal.alternatives:
             raise ValueError(f"an adopted proposal must be one chain without hedges, got candidates "
                              f"{proposal.candidates} and hedge {proposal.hedge}")
-        block = proposal.blocks[0]
-        keep = self.policy.keep(len(block), proposal.cut(0), None)
+        block, keep = proposal.blocks[0], adopted_keep(self.policy, proposal)
         self.pending = [proposal.candidates[0], *block[:keep]]
         self.metrics.drafted_tokens += proposal.size(0)
         self.adopting = False
@@ -439,7 +455,10 @@ class SpecBranchEngine(Engine):
     def step(self) -> list[int]:
         if self.target_side.adopting:  # the draft's chain becomes the pending block; the target waits
             t0 = time.perf_counter()
-            self.draft_side.apply(self.target_side.adopt(self.draft_side.draft_round()))
+            chain = self.draft_side.draft_round()
+            verdict = self.target_side.adopt(chain)
+            if self.draft_side.adopt(chain) != verdict:  # each side adopts on its own (as in the parallel runtime)
+                raise RuntimeError(f"the sides adopted the chain differently: target {verdict}")
             self.metrics.target_idle_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         proposal = self.draft_side.draft_round()

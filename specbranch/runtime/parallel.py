@@ -9,9 +9,10 @@ draft worker process (rank 1) runs a :class:`DraftSide`. One round::
     wait for the PROPOSAL      ◄───────────────  send the PROPOSAL, wait for the verdict
     settle (verify, decide)
 
-After a rollback with ``after_rollback="wait"`` the target first waits for the draft's chain and
-answers it with an *adopt* verdict (the chain becomes the pending block, nothing is decided), then
-runs the round above. Both halves apply the same verdict to their own copy of the state, so they stay
+After a rollback with ``after_rollback="wait"`` (and after a round the draft rested in) the target first
+waits for the draft's chain and adopts it as the pending block, then runs the round above. Adopting
+decides nothing, so no message says it: the draft applies the same adoption as soon as it has sent the
+chain, and goes on (drafting past it, or resting and lending its core from the start of the verification). Both halves apply the same verdict to their own copy of the state, so they stay
 in step without sharing anything else. The verdict goes out at the start of the next round rather than at the end
 of this one so that the generation loop can stop in between (EOS, stop string, budget) without the
 worker drafting a round nobody wants; :meth:`finish` then sends STOP instead.
@@ -85,8 +86,7 @@ class ParallelEngine(Engine):
                 self.worker.send_verdict(self.held)
                 self.held = None
             if self.target_side.adopting:  # after a rollback: the draft's first chain becomes the pending block
-                proposal = self._wait_for_proposal()
-                self.worker.send_verdict(self.target_side.adopt(proposal))
+                self.target_side.adopt(self._wait_for_proposal())  # the draft adopted it on its side already
             logits = self.target_side.target_round()
             proposal = self._wait_for_proposal()
         except WorkerError as e:

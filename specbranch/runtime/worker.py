@@ -79,7 +79,8 @@ def serve(channel: Channel, backend, offer: CoreOffer | None = None, lender: Cor
 
 def generation(channel: Channel, backend, start: Message, offer: CoreOffer | None = None,
                lender: CoreLender | None = None) -> None:
-    """One generation: draft, send the proposal, wait for the verdict, apply it, repeat until STOP.
+    """One generation: draft, send the proposal, wait for the verdict, apply it, repeat until STOP (after a
+    chain the target adopts, the draft adopts it too and goes on without waiting: nothing is decided).
     While it waits, ``offer`` lends its cores to the target; while the target waits, ``lender``'s helper
     computes part of the draft's linears on the target's cores."""
     metrics = Metrics()
@@ -91,8 +92,12 @@ def generation(channel: Channel, backend, start: Message, offer: CoreOffer | Non
         with profiled("draft", lambda: rounds):
             side.start(req.prompt, req.sampling, draft_generator(req.sampling.seed), metrics)
             while True:
-                send(channel, encode_proposal(side.draft_round(), tracker.take()), lender)
+                proposal = side.draft_round()
+                send(channel, encode_proposal(proposal, tracker.take()), lender)
                 rounds += 1
+                if side.adopting:  # a chain the target adopts whole, deciding nothing: adopt it here, go on
+                    side.adopt(proposal)
+                    continue
                 t0 = time.perf_counter()
                 with region("draft.wait"):
                     if offer:
