@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .models.linear import DRAFT_PRECISIONS, PRECISIONS
-from .policy import DRAFTING
+from .policy import DRAFTING, RESTS
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
@@ -127,7 +127,6 @@ class GenerationConfig:
 
 GAMMA_DEFAULTS = {"sd": 6, "pearl": 7, "specbranch": 7}
 BLOCKS = ("adaptive", "fixed")
-RESTS = ("short", "always", "never")
 
 
 @dataclass(frozen=True)

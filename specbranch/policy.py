@@ -19,6 +19,7 @@ def top1_confidence(logits: torch.Tensor) -> torch.Tensor:
 
 
 DRAFTING = ("confidence", "fixed", "hrad", "hybrid", "inline")
+RESTS = ("short", "always", "never")  # when specbranch's draft rests (DraftPolicy.rests)
 
 
 class BlockLength:
@@ -94,7 +95,7 @@ class DraftPolicy:
             raise ValueError(f"unknown drafting mode {self.mode!r}; choose one of {', '.join(DRAFTING)}")
         if self.adaptive and self.mode == "inline":
             raise ValueError("inline drafting submits whole blocks: it cannot adapt their length")
-        if self.rest not in ("never", "short", "always") or (self.rest == "always" and self.mode == "inline"):
+        if self.rest not in RESTS or (self.rest == "always" and self.mode == "inline"):
             raise ValueError(f"rest {self.rest!r} does not fit drafting {self.mode!r}")
 
     def hedge(self, conf: float) -> bool:

@@ -138,7 +138,7 @@ class DraftSide(Side):
         self.hedge_at: int | None = None  # the hedge's index in the pending block, once the block is pending
         self.force_branch = False  # the last verdict asked for k candidates at the next branch point
         self.adopting = self.policy.wait_after_rollback  # this round's block will be adopted whole: draft one chain
-        self.rested = False  # the last proposal was the branch point alone (DraftPolicy.rests)
+        self.rested = False  # the last proposal rested: nothing past the pending block (DraftPolicy.rests)
         self.length = BlockLength(self.policy.max_block(), self.policy.adaptive)  # tokens after the next branch point
 
     def pending_tokens(self) -> list[int]:
@@ -347,16 +347,12 @@ class TargetSide(Side):
         if proposal.rests:
             return self._settle_rest(proposal, logits)
         n = len(self.pending)
-        q = None if proposal.q is None else proposal.q.to(logits.device)  # [n+1, V] under rule C
-        if (q is None) != (self.speculator.rule != "C") or (q is not None and q.shape[0] != n + 1):
-            raise ValueError(f"proposal q rows {None if q is None else tuple(q.shape)} do not fit rule "
-                             f"{self.speculator.rule} with {n} pending tokens")
+        q, positions = self._pending_positions(proposal, n + 1, logits.device)  # q: [n+1, V] under rule C
         hedge, self.hedge = self.hedge, None
         alternatives = proposal.alternatives or []
         if len(alternatives) != (0 if hedge is None else len(hedge[1]) - 1):
             raise ValueError(f"proposal has {len(alternatives)} hedge rows; the pending block's hedge "
                              f"{hedge} needs one per candidate after the first")
-        positions = [Position([tok], None if q is None else q[i]) for i, tok in enumerate(self.pending)]
         if hedge is not None:
             positions[hedge[0]] = Position(hedge[1], positions[hedge[0]].q)
         positions.append(Position(proposal.candidates, None if q is None else q[n]))
@@ -407,21 +403,27 @@ class TargetSide(Side):
         """The draft rested (:meth:`DraftPolicy.rests`): verify the pending block against ``logits [n+1, V]``
         and take the token after it from the target, a correction or sd's bonus token. Either way the draft's
         next chain is adopted (the verdict is a rollback's: no branch survives)."""
-        n, q = len(self.pending), proposal.q
+        n = len(self.pending)
         if proposal.candidates or proposal.blocks or proposal.hedge or not n or self.hedge is not None:
             raise ValueError(f"a resting proposal has no branch point and needs a plain pending block; got "
                              f"candidates {proposal.candidates} with {n} pending tokens")
-        if (q is None) != (self.speculator.rule != "C") or (q is not None and q.shape[0] != n):
-            raise ValueError(f"resting proposal q rows {None if q is None else tuple(q.shape)} do not fit rule "
-                             f"{self.speculator.rule} with {n} pending tokens")
-        q = None if q is None else q.to(logits.device)  # [n, V]
-        out = self.speculator.verify([Position([tok], None if q is None else q[i]) for i, tok in enumerate(self.pending)],
-                                     logits, bonus=True)
+        _, positions = self._pending_positions(proposal, n, logits.device)  # no branch point: q is [n, V]
+        out = self.speculator.verify(positions, logits, bonus=True)
         self.metrics.record_verification(n, out.num_accepted, 0, n - out.num_accepted, len(out.tokens))
         self.committed += out.tokens
         self._trace(n, out.num_accepted)
         self.pending, self.adopting = [], True
         return Verdict(out.tokens, None)
+
+    def _pending_positions(self, proposal: Proposal, rows: int, device) -> tuple[torch.Tensor | None, list[Position]]:
+        """The proposal's ``q`` (rule C: ``[rows, V]``, checked, on ``device``; else None) and the pending
+        block's positions, each with its ``q`` row."""
+        q, n = proposal.q, len(self.pending)
+        if (q is None) != (self.speculator.rule != "C") or (q is not None and q.shape[0] != rows):
+            raise ValueError(f"proposal q rows {None if q is None else tuple(q.shape)} do not fit rule "
+                             f"{self.speculator.rule} with {n} pending tokens")
+        q = None if q is None else q.to(device)
+        return q, [Position([tok], None if q is None else q[i]) for i, tok in enumerate(self.pending)]
 
     def _trace(self, n: int, accepted: int) -> None:
         """Label last round's features with how many of this round's pending tokens passed (only
