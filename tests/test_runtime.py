@@ -193,10 +193,14 @@ def test_proposals_survive_the_wire():
 
 def test_verdicts_survive_the_wire():
     from specbranch.engines.specbranch import Verdict
-    from specbranch.runtime.messages import decode_verdict, encode_verdict
+    from specbranch.runtime.messages import ChannelError, Kind, Message, decode_verdict, encode_verdict
 
-    for v in [Verdict([3, 4], None), Verdict([7], 2, 3, force_branch=True), Verdict([], 0, 5, adopt=True)]:
+    for v in [Verdict([3, 4], None), Verdict([7], 2, 3, force_branch=True), Verdict([], 0, 5)]:
         assert decode_verdict(encode_verdict(v)) == v
+    with pytest.raises(ValueError, match="not sent"):  # each side adopts a chain itself (DraftSide.adopt)
+        encode_verdict(Verdict([], 0, 5, adopt=True))
+    with pytest.raises(ChannelError, match="malformed verdict"):
+        decode_verdict(Message(Kind.VERDICT, [1, 2]))
 
 
 def test_placement_flags_are_checked():

@@ -261,11 +261,15 @@ def decode_proposal(msg: Message) -> tuple[Proposal, Counters]:
 
 
 def encode_verdict(v: Verdict) -> Message:
-    # ints: [branch (-1: none), keep, force_branch, adopt, committed tokens]
-    return Message(Kind.VERDICT, [-1 if v.branch is None else v.branch, v.keep, int(v.force_branch), int(v.adopt),
-                                  *v.tokens])
+    # ints: [branch (-1: none), keep, force_branch, committed tokens]. An adopt verdict never travels: both
+    # sides derive the adoption from the chain and the policy (specbranch.adopted_keep).
+    if v.adopt:
+        raise ValueError("adopt verdicts are not sent: each side adopts the chain itself")
+    return Message(Kind.VERDICT, [-1 if v.branch is None else v.branch, v.keep, int(v.force_branch), *v.tokens])
 
 
 def decode_verdict(msg: Message) -> Verdict:
-    branch, keep, force, adopt = msg.ints[:4]
-    return Verdict(msg.ints[4:], None if branch < 0 else branch, keep, bool(force), bool(adopt))
+    if len(msg.ints) < 3:
+        raise ChannelError(f"protocol error: malformed verdict {msg.ints}")
+    branch, keep, force = msg.ints[:3]
+    return Verdict(msg.ints[3:], None if branch < 0 else branch, keep, bool(force))
