@@ -109,9 +109,11 @@ class DraftPolicy:
     def candidates(self, conf: float, force: bool = False) -> int:
         return self.branches if force or conf <= self.tau else 1
 
-    def cut(self, conf: float) -> bool:
-        """Stop drafting a branch here (only the confidence mode stops while drafting)."""
-        return self.mode == "confidence" and conf <= self.tau
+    def cut(self, conf: float, adopting: bool = False) -> bool:
+        """Stop drafting a branch here: the confidence mode always does; hybrid does in a chain drafted for
+        adoption, which no H-RAD class follows, so that :meth:`keep` ends it at its confidence cut anyway
+        (the steps past the cut would be thrown away)."""
+        return conf <= self.tau and (self.mode == "confidence" or (adopting and self.mode == "hybrid"))
 
     def rests(self, length: int) -> bool:
         """Propose nothing past the pending block this round (the next block would be ``length`` tokens):

@@ -503,6 +503,30 @@ def test_a_resting_draft_equals_ar(greedy_pair, gamma, branches, tau, rest):
     assert seen["rests"] > 3 and seen["rests"] - 9 <= seen["adopted"] <= seen["rests"], seen
 
 
+def test_an_adopted_hybrid_chain_ends_at_its_confidence_cut(greedy_pair):
+    """A chain drafted for adoption (after a rollback or a rest) is kept only to its confidence cut, as no
+    H-RAD class follows it (DraftPolicy.keep): the draft stops drafting it there rather than draft steps that
+    are thrown away. Same tokens as ar."""
+    target_model, draft_model = greedy_pair
+    spec = SpeculationConfig(gamma=6, branches=3, tau=0.5, drafting="hybrid", rest="always")
+    engine = ENGINE_CLASSES["specbranch"](native(target_model), native(draft_model), spec,
+                                          predictor=random_predictor(target_model))
+    side, draft_round, chains = engine.draft_side, engine.draft_side.draft_round, []
+
+    def spy():
+        adopting, last = side.adopting, max(side.length.now - 1, 0)
+        proposal = draft_round()
+        if adopting and proposal.blocks:
+            chains.append((len(proposal.blocks[0]), proposal.cut(0), last))
+        return proposal
+
+    side.draft_round = spy
+    want = run(AREngine(native(target_model)), [5, 6, 7], 60).tokens
+    assert run(engine, [5, 6, 7], 60).tokens == want
+    assert all(n == cut for n, cut, _ in chains), chains  # nothing drafted past a cut
+    assert any(n < last for n, _, last in chains), chains  # and the cut did end some chains early
+
+
 def test_a_resting_draft_keeps_the_output_law(sampling_pair):
     """Resting changes the rounds' rhythm; its verification is sd's (rule C here, sampled drafts)."""
     target_model, draft_model = sampling_pair

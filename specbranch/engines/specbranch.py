@@ -178,7 +178,7 @@ class DraftSide(Side):
                 ends[b].append(logits[b])
                 if cuts[b] is None and conf[b] <= policy.tau:
                     cuts[b] = step  # where the confidence rule would end this block
-                if step == last or policy.cut(conf[b]):
+                if step == last or policy.cut(conf[b], self.adopting):
                     done[b] = True
                     continue
                 if k == 1 and not self.adopting and policy.hedge(conf[0]):
