@@ -197,8 +197,6 @@ def test_verdicts_survive_the_wire():
 
     for v in [Verdict([3, 4], None), Verdict([7], 2, 3, force_branch=True), Verdict([], 0, 5)]:
         assert decode_verdict(encode_verdict(v)) == v
-    with pytest.raises(ValueError, match="not sent"):  # each side adopts a chain itself (DraftSide.adopt)
-        encode_verdict(Verdict([], 0, 5, adopt=True))
     with pytest.raises(ChannelError, match="malformed verdict"):
         decode_verdict(Message(Kind.VERDICT, [1, 2]))
 

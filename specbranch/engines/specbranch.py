@@ -104,7 +104,6 @@ class Verdict:
     branch: int | None
     keep: int = 0  # tokens of the surviving branch's block that stay pending (the policy's cut)
     force_branch: bool = False  # H-RAD said reject-soon: fork k candidates at the next branch point
-    adopt: bool = False  # nothing verified: the proposal's point and ``keep`` block tokens become the pending block
 
 
 def adopted_keep(policy: DraftPolicy, proposal: Proposal) -> int:
@@ -204,16 +203,19 @@ class DraftSide(Side):
         return Proposal(list(point.candidates), [[pos.candidates[0] for pos in blk] for blk in blocks], self._q(point),
                         [len(blk) if c is None else min(c, len(blk)) for blk, c in zip(blocks, cuts)], hedge)
 
-    def adopt(self, proposal: Proposal) -> Verdict:
-        """Apply the target's adoption of ``proposal``, the chain this side just drafted while ``adopting``
-        (:meth:`TargetSide.adopt`), without waiting to be told: adopting decides nothing, and its verdict
-        follows from the proposal and the policy alone. The parallel runtime's draft so drafts on at once
-        (or rests, lending its core from the start of the verification) instead of waiting a message."""
+    def adopt(self, proposal: Proposal) -> int:
+        """Make ``proposal``, the chain this side just drafted while ``adopting``, the pending block as the
+        target does (:meth:`TargetSide.adopt`), without waiting to be told: adopting decides nothing, and the
+        kept length follows from the proposal and the policy alone (returned). The parallel runtime's draft
+        so drafts on at once (or rests, lending its core from the start of the verification)."""
         if not self.adopting:
             raise RuntimeError("adopt() after a proposal that was not drafted for adoption")
-        verdict = Verdict([], 0, adopted_keep(self.policy, proposal), adopt=True)
-        self.apply(verdict)
-        return verdict
+        keep, br = adopted_keep(self.policy, proposal), self.branches
+        self.pending = [br.point, *br.blocks[0][:keep]]  # unverified, one unforked chain
+        ends = br.ends[0]  # shorter by one when the chain's last token was not fed (the next round rests)
+        self.lane.select(0, keep=1 + keep, last_logits=ends[keep] if keep < len(ends) else None)
+        self.force_branch = self.adopting = False
+        return keep
 
     def _extend_hedge(self) -> Proposal:
         """A round while the pending block holds an inline hedge: every hedge row drafts on. Row 0
@@ -259,18 +261,12 @@ class DraftSide(Side):
         rested, self.rested = self.rested, False
         if rested:  # the pending block was verified, then the target's own token: whole iff that token follows it
             self.length.update(len(verdict.tokens) > len(self.pending))
-        elif not verdict.adopt:  # an adopt verdict decided nothing
+        else:
             self.length.update(verdict.branch is not None)
         # after a rest the draft's next chain is adopted whatever the verdict, as after a rollback
         self.adopting = rested or (verdict.branch is None and self.policy.wait_after_rollback)
         if verdict.branch is None:  # the lane re-syncs to the correction next round
             self.pending, self.hedge, self.hedge_at = [], None, None
-            return
-        if verdict.adopt:  # the point and the kept block are pending, unverified (one unforked chain)
-            br = self.branches
-            self.pending = [br.point, *br.blocks[0][: verdict.keep]]
-            ends = br.ends[0]  # shorter by one when the chain's last token was not fed (the next round rests)
-            self.lane.select(0, keep=1 + verdict.keep, last_logits=ends[verdict.keep] if verdict.keep < len(ends) else None)
             return
         b, hedge = verdict.branch, self.hedge
         if self.hedge_at is not None:  # the pending block's hedge is settled: row b survives
@@ -319,7 +315,7 @@ class TargetSide(Side):
         self.features: torch.Tensor | None = None  # H-RAD features of the last round, awaiting a label
         self.adopting = self.policy.wait_after_rollback  # the next proposal is adopted, not verified (see adopt)
 
-    def adopt(self, proposal: Proposal) -> Verdict:
+    def adopt(self, proposal: Proposal) -> int:
         """The round after a rollback (and the first one) with ``wait_after_rollback``: take the
         draft's chain whole as the pending block, unverified, instead of verifying its first token
         alone while the draft drafts past it (PEARL's pre-verify). The next forward verifies it all.
@@ -327,7 +323,7 @@ class TargetSide(Side):
         Why: pre-verify spends a target forward, on a CPU a whole read of the weights, to fix one
         token, while the draft, sharing the memory bus, slows down. Waiting for the draft's block
         costs the draft's steps alone. Nothing is decided here (no token is committed), so the rule
-        in force and the output are unchanged."""
+        in force and the output are unchanged. Returns how many block tokens were kept."""
         if len(proposal.candidates) != 1 or proposal.hedge or proposal.alternatives:
             raise ValueError(f"an adopted proposal must be one chain without hedges, got candidates "
                              f"{proposal.candidates} and hedge {proposal.hedge}")
@@ -335,7 +331,7 @@ class TargetSide(Side):
         self.pending = [proposal.candidates[0], *block[:keep]]
         self.metrics.drafted_tokens += proposal.size(0)
         self.adopting = False
-        return Verdict([], 0, keep, adopt=True)
+        return keep
 
     def target_round(self) -> torch.Tensor:
         """``p`` logits at each pending position and at the branch point ``[n+1, V]``."""
@@ -458,9 +454,9 @@ class SpecBranchEngine(Engine):
         if self.target_side.adopting:  # the draft's chain becomes the pending block; the target waits
             t0 = time.perf_counter()
             chain = self.draft_side.draft_round()
-            verdict = self.target_side.adopt(chain)
-            if self.draft_side.adopt(chain) != verdict:  # each side adopts on its own (as in the parallel runtime)
-                raise RuntimeError(f"the sides adopted the chain differently: target {verdict}")
+            keep = self.target_side.adopt(chain)
+            if self.draft_side.adopt(chain) != keep:  # each side adopts on its own (as in the parallel runtime)
+                raise RuntimeError(f"the sides adopted the chain differently: the target kept {keep} tokens")
             self.metrics.target_idle_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         proposal = self.draft_side.draft_round()

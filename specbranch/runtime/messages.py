@@ -261,10 +261,8 @@ def decode_proposal(msg: Message) -> tuple[Proposal, Counters]:
 
 
 def encode_verdict(v: Verdict) -> Message:
-    # ints: [branch (-1: none), keep, force_branch, committed tokens]. An adopt verdict never travels: both
-    # sides derive the adoption from the chain and the policy (specbranch.adopted_keep).
-    if v.adopt:
-        raise ValueError("adopt verdicts are not sent: each side adopts the chain itself")
+    # ints: [branch (-1: none), keep, force_branch, committed tokens]. Adopting a chain sends nothing: both
+    # sides derive it from the chain and the policy (specbranch.adopted_keep).
     return Message(Kind.VERDICT, [-1 if v.branch is None else v.branch, v.keep, int(v.force_branch), *v.tokens])
 
 

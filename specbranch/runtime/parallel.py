@@ -12,8 +12,9 @@ draft worker process (rank 1) runs a :class:`DraftSide`. One round::
 After a rollback with ``after_rollback="wait"`` (and after a round the draft rested in) the target first
 waits for the draft's chain and adopts it as the pending block, then runs the round above. Adopting
 decides nothing, so no message says it: the draft applies the same adoption as soon as it has sent the
-chain, and goes on (drafting past it, or resting and lending its core from the start of the verification). Both halves apply the same verdict to their own copy of the state, so they stay
-in step without sharing anything else. The verdict goes out at the start of the next round rather than at the end
+chain, and goes on (drafting past it, or resting and lending its core from the start of the
+verification). Both halves apply the same verdict to their own copy of the state, so they stay in step
+without sharing anything else. The verdict goes out at the start of the next round rather than at the end
 of this one so that the generation loop can stop in between (EOS, stop string, budget) without the
 worker drafting a round nobody wants; :meth:`finish` then sends STOP instead.
 
